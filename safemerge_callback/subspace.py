@@ -1,0 +1,231 @@
+"""`AlignmentSubspace`: stream `V = W_aligned − W_base` per LoRA module from two checkpoints, paired by name.
+
+Only the weights of LoRA-carrying modules are read, one pair at a time, through `safetensors.safe_open` (memory
+mapped), so a 7B pair never has to fit in memory. Tensors are paired by their full parameter name, never by order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .files import download_hub_files, resolve_directory
+
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+# Input-embedding names, used when `lm_head` is a LoRA target and the checkpoint stores it tied to the embedding.
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight")
+
+
+class CheckpointReader:
+    """Lazy, name-addressed access to the tensors of one model checkpoint (local directory or hub id).
+
+    Args:
+        name_or_path (`str`): local directory or hub id.
+        what (`str`): the checkpoint's role for error messages (`"base model"`, `"aligned model"`).
+        revision (`str`, *optional*): hub revision.
+        allow_pickle (`bool`, defaults to `False`): accept `pytorch_model.bin` checkpoints (read with
+            `torch.load(weights_only=True, mmap=True)`).
+    """
+
+    def __init__(self, name_or_path: str, *, what: str, revision: str | None = None, allow_pickle: bool = False):
+        self.name_or_path = str(name_or_path)
+        self.what = what
+        self.revision = revision
+        self.allow_pickle = allow_pickle
+        self.directory = resolve_directory(
+            name_or_path, what=what, revision=revision,
+            allow_patterns=["config.json", SAFETENSORS_INDEX, SAFETENSORS_SINGLE],
+        )
+        self._is_hub = not Path(name_or_path).expanduser().is_dir()
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[str, torch.Tensor] | None = None
+        self.weight_map = self._build_weight_map()
+
+    def _build_weight_map(self) -> dict[str, str]:
+        index = self.directory / SAFETENSORS_INDEX
+        if index.is_file():
+            return dict(json.loads(index.read_text())["weight_map"])
+        single = self.directory / SAFETENSORS_SINGLE
+        if single.is_file():
+            return {key: SAFETENSORS_SINGLE for key in self._open(single).keys()}
+        if (self.directory / PICKLE_SINGLE).is_file() or (self.directory / PICKLE_INDEX).is_file():
+            if not self.allow_pickle:
+                raise ValueError(
+                    f"The {self.what} {self.name_or_path!r} has only pickle weights (pytorch_model.bin), which can run "
+                    "code when loaded. Convert it with `save_pretrained(..., safe_serialization=True)`, or set "
+                    "`allow_pickle=True` if you trust its source."
+                )
+            return self._load_pickled()
+        raise ValueError(f"The {self.what} {self.name_or_path!r} has no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}.")
+
+    def _load_pickled(self) -> dict[str, str]:
+        if (self.directory / PICKLE_INDEX).is_file():
+            files = sorted(set(json.loads((self.directory / PICKLE_INDEX).read_text())["weight_map"].values()))
+        else:
+            files = [PICKLE_SINGLE]
+        self._pickled = {}
+        for name in files:
+            self._pickled.update(torch.load(self.directory / name, map_location="cpu", weights_only=True, mmap=True))
+        return {key: PICKLE_SINGLE for key in self._pickled}
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            if not path.is_file() and self._is_hub:
+                download_hub_files(self.name_or_path, [path.name], revision=self.revision)
+                path = Path(resolve_directory(self.name_or_path, what=self.what, revision=self.revision,
+                                              allow_patterns=[path.name])) / path.name
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as error:
+                raise ValueError(f"Could not read the {self.what} file {str(path)!r} ({error}); it is missing, "
+                                 "truncated or not a safetensors file.") from None
+        return self._handles[path]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Return the shape of tensor `key` from the file header, without reading its data."""
+        if self._pickled is not None:
+            return tuple(self._pickled[key].shape)
+        return tuple(self._open(self.directory / self.weight_map[key]).get_slice(key).get_shape())
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Read tensor `key`."""
+        if self._pickled is not None:
+            return self._pickled[key]
+        try:
+            return self._open(self.directory / self.weight_map[key]).get_tensor(key)
+        except SafetensorError as error:
+            raise ValueError(f"Could not read {key!r} from the {self.what} ({error}); the file may be truncated.") from None
+
+    def find_weight(self, module_name: str) -> str | None:
+        """Return the checkpoint key of `module_name`'s weight, or None when the checkpoint has no such module.
+
+        Tries `<module>.weight`, then the name with or without a leading `model.` (checkpoints saved from the bare
+        backbone class), then, for `lm_head`, the tied input embedding.
+        """
+        candidates = [f"{module_name}.weight"]
+        if module_name.startswith("model."):
+            candidates.append(f"{module_name[len('model.'):]}.weight")
+        else:
+            candidates.append(f"model.{module_name}.weight")
+        for key in candidates:
+            if key in self.weight_map:
+                return key
+        if module_name.split(".")[-1] == "lm_head":
+            embeddings = [key for key in self.weight_map if key.endswith(EMBEDDING_SUFFIXES)]
+            if len(embeddings) == 1:
+                logger.info("%s: %s has no lm_head weight; using the tied embedding %s.", self.what,
+                            self.name_or_path, embeddings[0])
+                return embeddings[0]
+        return None
+
+
+class AlignmentSubspace:
+    """Alignment deltas `V = W_aligned − W_base` of the LoRA modules, streamed from two checkpoints.
+
+    Args:
+        base_model (`str`): the model before safety alignment (local directory or hub id).
+        aligned_model (`str`): the safety-aligned model the adapters were trained on.
+        revision (`str`, *optional*): hub revision for both.
+        allow_pickle (`bool`, defaults to `False`): accept `.bin` checkpoints.
+        cache_bytes (`int`, defaults to 0): keep up to this many bytes of deltas in memory (least recently used
+            first out), so repeated repairs (one per checkpoint) read each tensor once.
+    """
+
+    def __init__(self, base_model: str, aligned_model: str, *, revision: str | None = None,
+                 allow_pickle: bool = False, cache_bytes: int = 0):
+        if base_model is None or aligned_model is None:
+            raise ValueError("AlignmentSubspace needs both `base_model` and `aligned_model` (directories or hub ids).")
+        self.base = CheckpointReader(base_model, what="base model", revision=revision, allow_pickle=allow_pickle)
+        self.aligned = CheckpointReader(aligned_model, what="aligned model", revision=revision,
+                                        allow_pickle=allow_pickle)
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[tuple[str, bool], torch.Tensor] = OrderedDict()
+        self._cached_bytes = 0
+
+    def check_modules(self, shapes: dict[str, tuple[int, int]], fan_in_fan_out: bool = False) -> None:
+        """Check, from file headers only, that every module exists in both checkpoints with a matching shape.
+
+        Args:
+            shapes: `(out, in)` per module name, as the adapter's factors imply.
+            fan_in_fan_out: whether the checkpoints store these weights as `(in, out)` (GPT-2 `Conv1D`).
+
+        Raises:
+            ValueError: listing every missing module and every shape mismatch at once.
+        """
+        problems = []
+        for name, shape in shapes.items():
+            for reader in (self.base, self.aligned):
+                key = reader.find_weight(name)
+                if key is None:
+                    problems.append(f"{name}: no weight in the {reader.what} ({reader.name_or_path})")
+                    continue
+                stored = reader.shape(key)
+                if len(stored) != 2:
+                    problems.append(f"{name}: {reader.what} tensor {key} is {len(stored)}-D, not a 2-D weight")
+                elif _oriented(stored, shape, fan_in_fan_out) is None:
+                    problems.append(f"{name}: {reader.what} weight {key} has shape {stored}, adapter implies "
+                                    f"(out, in) = {shape}")
+        if problems:
+            listing = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+            raise ValueError(
+                "The base/aligned checkpoints do not match the adapter's LoRA modules:\n  " + listing + "\nCheck that "
+                "the adapter was trained on the aligned model and that the base model has the same architecture."
+            )
+
+    def delta(self, module_name: str, shape: tuple[int, int], fan_in_fan_out: bool = False) -> torch.Tensor:
+        """Return `V = W_aligned − W_base` for one module as float32 `(out, in)`.
+
+        Raises:
+            ValueError: when the module is missing, shapes disagree, or `V` has NaN/Inf entries.
+        """
+        cache_key = (module_name, fan_in_fan_out)
+        if cache_key in self._cache:
+            self._cache.move_to_end(cache_key)
+            return self._cache[cache_key]
+
+        self.check_modules({module_name: shape}, fan_in_fan_out)
+        base = self.base.tensor(self.base.find_weight(module_name))
+        aligned = self.aligned.tensor(self.aligned.find_weight(module_name))
+        delta = aligned.to(torch.float32) - base.to(torch.float32)
+        if _oriented(tuple(delta.shape), shape, fan_in_fan_out) == "transposed":
+            delta = delta.T.contiguous()
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"The alignment delta of {module_name!r} has NaN or Inf entries; the base or aligned "
+                             "checkpoint is corrupt. Re-download or re-save it.")
+
+        self._remember(cache_key, delta)
+        return delta
+
+    def deltas(self, shapes: dict[str, tuple[int, int]], fan_in_fan_out: bool = False) -> Iterable[tuple[str, torch.Tensor]]:
+        """Yield `(module name, V)` one module at a time."""
+        for name, shape in shapes.items():
+            yield name, self.delta(name, shape, fan_in_fan_out)
+
+    def _remember(self, key: tuple[str, bool], delta: torch.Tensor) -> None:
+        size = delta.numel() * delta.element_size()
+        if size > self.cache_bytes:
+            return
+        self._cache[key] = delta
+        self._cached_bytes += size
+        while self._cached_bytes > self.cache_bytes:
+            _, evicted = self._cache.popitem(last=False)
+            self._cached_bytes -= evicted.numel() * evicted.element_size()
+
+
+def _oriented(stored: tuple[int, ...], shape: tuple[int, int], fan_in_fan_out: bool) -> str | None:
+    """Return how a stored weight maps to `(out, in)`: `"as_is"`, `"transposed"` (`Conv1D`, stored `(in, out)`) or None."""
+    if fan_in_fan_out:
+        return "transposed" if tuple(stored) == (shape[1], shape[0]) else None
+    return "as_is" if tuple(stored) == tuple(shape) else None
