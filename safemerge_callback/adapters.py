@@ -7,6 +7,7 @@ with `<prefix> = base_model.model.<module name>`. The update is `ΔW = s B A` wi
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import re
@@ -144,7 +145,7 @@ def adapter_from_model(model: Any, *, adapter_name: str = "default", what: str =
     config = model.peft_config[adapter_name].to_dict()
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     state_dict = {key: value.detach().cpu() for key, value in state_dict.items()}
-    return adapter_from_state_dict(state_dict, _jsonable(config), source=f"<PeftModel:{adapter_name}>", what=what)
+    return adapter_from_state_dict(state_dict, jsonable(config), source=f"<PeftModel:{adapter_name}>", what=what)
 
 
 def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], config: dict[str, Any], *, source: str = "<memory>",
@@ -266,12 +267,13 @@ def _read_weights(directory: Path, what: str, allow_pickle: bool) -> dict[str, t
     raise ValueError(f"The {what} directory {str(directory)!r} has no {ADAPTER_WEIGHTS}.")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """Convert a PEFT config dict (sets, enums, tuples) into JSON-serialisable builtins."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
-        items = [_jsonable(v) for v in value]
+        items = [jsonable(v) for v in value]
         return sorted(items) if isinstance(value, set) else items
-    if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):  # enums such as TaskType
+    if isinstance(value, enum.Enum):  # PeftType, TaskType
         return value.value
     return value

@@ -67,13 +67,13 @@ def download_hub_files(repo_id: str, filenames: Sequence[str], revision: str | N
 
 
 def check_not_inside(output_dir: Path, inputs: Sequence[Path | None]) -> None:
-    """Raise a `ValueError` if `output_dir` is one of `inputs` or contains one, so inputs are never overwritten."""
+    """Raise a `ValueError` if `output_dir` is one of `inputs`, contains one or lies inside one (inputs stay as they are)."""
     output = Path(output_dir).resolve()
     for source in inputs:
         if source is None:
             continue
         source = Path(source).resolve()
-        if output == source or output in source.parents:
+        if output == source or output in source.parents or source in output.parents:
             raise ValueError(
                 f"The output directory {str(output_dir)!r} would overwrite the input {str(source)!r}. "
                 "Choose another output directory."

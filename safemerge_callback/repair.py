@@ -113,6 +113,7 @@ def repair_adapter(
     output_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    module_results: list[ModuleResult] | None = None,
     **config_overrides: Any,
 ) -> RepairResult:
     """Repair a LoRA task adapter with SafeMERGE and optionally write it as a stock-loadable adapter directory.
@@ -127,22 +128,28 @@ def repair_adapter(
             `safemerge_config.json` there, atomically.
         overwrite: replace an existing `output_dir`.
         progress: show a progress bar over modules.
+        module_results: scores computed beforehand by `score_modules` (for example shared out across ranks); the
+            repair then reads alignment deltas only where a method needs them (`safelora`).
 
     Returns:
         `RepairResult`. Inputs are never modified; unselected modules are bit-identical to the task adapter.
     """
     config = _resolve_config(config, config_overrides, safety_adapter)
-    task, safety = _load_inputs(task_adapter, config)
+    task, safety = _load_inputs(task_adapter, config, safety_adapter)
     policy = "exact" if config.rank_policy == "auto" else config.rank_policy
+    subspace = subspace or _build_subspace(config, task)
     if output_dir is not None:
-        check_not_inside(Path(output_dir), [task.directory, safety.directory if safety else None])
+        check_not_inside(Path(output_dir), [task.directory, safety.directory if safety else None,
+                                            subspace.base.directory, subspace.aligned.directory])
         if Path(output_dir).exists() and not overwrite:
             raise FileExistsError(f"Output directory {str(output_dir)!r} already exists; pass overwrite=True "
                                   "(CLI: --overwrite) to replace it, or choose another directory.")
 
     # score → select
-    subspace = subspace or _build_subspace(config, task)
-    modules = _score_modules(task, subspace, config, progress)
+    if module_results is None:
+        modules = score_modules(task, subspace, config, progress=progress)
+    else:
+        modules = _checked_results(module_results, task)
     _select(modules, config)
     _apply_missing_safety_policy(modules, task, safety, config)
 
@@ -167,7 +174,7 @@ def score_adapter(task_adapter: Any, *, config: SafeMergeConfig | None = None,
                         revision=config.revision, allow_pickle=config.allow_pickle)
     _check_finite(task, "task adapter")
     subspace = subspace or _build_subspace(config, task)
-    modules = _score_modules(task, subspace, config, progress)
+    modules = score_modules(task, subspace, config, progress=progress)
     _select(modules, config)
     return RepairResult(modules=modules, adapter=task, config=config, rank_policy="none",
                         carried_tensors=sorted(task.other_tensors), dry_run=True)
@@ -194,20 +201,22 @@ def _resolve_config(config, overrides, safety_adapter) -> SafeMergeConfig:
     return config
 
 
-def _load_inputs(task_adapter, config) -> tuple[LoraAdapter, LoraAdapter | None]:
+def _load_inputs(task_adapter, config, safety_adapter=None) -> tuple[LoraAdapter, LoraAdapter | None]:
     task = load_adapter(task_adapter, what="task adapter", adapter_name=config.adapter_name,
                         revision=config.revision, allow_pickle=config.allow_pickle)
     _check_finite(task, "task adapter")
     if not config.needs_safety_adapter:
         return task, None
-    if config.safety_adapter is None:
+    # An in-memory safety adapter (PeftModel, LoraAdapter) is not recorded in the config: use the object given.
+    safety_adapter = config.safety_adapter if safety_adapter is None else safety_adapter
+    if safety_adapter is None:
         raise ValueError(f"method {config.method!r} merges with a safety adapter, but none was given. Pass "
                          "`safety_adapter` (a LoRA trained on the aligned model with refusal data), or use "
                          "method 'safelora', which needs none.")
-    safety = load_adapter(config.safety_adapter, what="safety adapter", revision=config.revision,
+    safety = load_adapter(safety_adapter, what="safety adapter", revision=config.revision,
                           allow_pickle=config.allow_pickle)
     _check_finite(safety, "safety adapter")
-    _check_compatible(task, safety)
+    check_compatible(task, safety)
     return task, safety
 
 
@@ -219,7 +228,7 @@ def _check_finite(adapter: LoraAdapter, what: str) -> None:
                          "Training diverged or the file is corrupt; use an earlier checkpoint.")
 
 
-def _check_compatible(task: LoraAdapter, safety: LoraAdapter) -> None:
+def check_compatible(task: LoraAdapter, safety: LoraAdapter) -> None:
     mismatched = [f"{name}: task (out, in) = {m.shape}, safety {safety.modules[name].shape}"
                   for name, m in task.modules.items()
                   if name in safety.modules and safety.modules[name].shape != m.shape]
@@ -247,11 +256,14 @@ def _build_subspace(config: SafeMergeConfig, task: LoraAdapter) -> AlignmentSubs
                              cache_bytes=config.cache_bytes)
 
 
-def _score_modules(task: LoraAdapter, subspace: AlignmentSubspace, config: SafeMergeConfig,
-                   progress: bool) -> list[ModuleResult]:
-    subspace.check_modules({name: m.shape for name, m in task.modules.items()}, task.fan_in_fan_out)
+def score_modules(task: LoraAdapter, subspace: AlignmentSubspace, config: SafeMergeConfig, *,
+                  names: list[str] | None = None, progress: bool = True) -> list[ModuleResult]:
+    """Score the modules `names` (default: all, in adapter order) of a task adapter; nothing is selected yet."""
+    names = list(task.modules) if names is None else names
+    subspace.check_modules({name: task.modules[name].shape for name in names}, task.fan_in_fan_out)
     results = []
-    for name, module in tqdm(task.modules.items(), desc="SafeMERGE scoring", unit="module", disable=not progress):
+    for name in tqdm(names, desc="SafeMERGE scoring", unit="module", disable=not progress):
+        module = task.modules[name]
         delta = subspace.delta(name, module.shape, task.fan_in_fan_out)
         terms = scoring.lora_alignment_score(delta, module.lora_a, module.lora_b)
         threshold, _, _ = config.settings_for(name)
@@ -265,6 +277,14 @@ def _score_modules(task: LoraAdapter, subspace: AlignmentSubspace, config: SafeM
         warnings.warn(f"{len(no_signal)} module(s) have identical base and aligned weights (V = 0), so they carry no "
                       f"alignment signal and are left as they are: {no_signal[:10]}.", stacklevel=3)
     return results
+
+
+def _checked_results(module_results: list[ModuleResult], task: LoraAdapter) -> list[ModuleResult]:
+    by_name = {result.name: dataclasses.replace(result, selected=False) for result in module_results}
+    if set(by_name) != set(task.modules):
+        raise ValueError(f"`module_results` cover {len(by_name)} modules but the task adapter has {len(task.modules)}; "
+                         f"missing {sorted(set(task.modules) - set(by_name))[:10]}. Score every module first.")
+    return [by_name[name] for name in task.modules]
 
 
 def _select(modules: list[ModuleResult], config: SafeMergeConfig) -> None:
@@ -322,9 +342,11 @@ def _merge_selected(task, safety, subspace, modules, config, policy, progress=Tr
                                                                                  safety_module.lora_b.float())
     new_config = copy.deepcopy(task.config)
     if rank_pattern:
-        # PEFT takes the first pattern that matches, so the exact per-module keys go before the user's patterns.
-        new_config["rank_pattern"] = {**rank_pattern, **(task.config.get("rank_pattern") or {})}
-        new_config["alpha_pattern"] = {**alpha_pattern, **(task.config.get("alpha_pattern") or {})}
+        # PEFT takes the first pattern that matches, so the exact per-module keys go before the user's patterns,
+        # and they replace an equal key already there (an adapter repaired before).
+        for name, ours in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+            theirs = task.config.get(name) or {}
+            new_config[name] = {**ours, **{key: value for key, value in theirs.items() if key not in ours}}
     return dataclasses.replace(task, config=new_config, modules=new_modules)
 
 
