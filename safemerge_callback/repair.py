@@ -252,8 +252,10 @@ def _build_subspace(config: SafeMergeConfig, task: LoraAdapter) -> AlignmentSubs
     from .known_models import resolve_base_model
 
     base = resolve_base_model(config.base_model, aligned)
+    # A one-off repair reads each delta once, except `safelora`, which reads the selected ones again to project B.
+    cache_bytes = config.cache_bytes if config.method == "safelora" else 0
     return AlignmentSubspace(base, aligned, revision=config.revision, allow_pickle=config.allow_pickle,
-                             cache_bytes=config.cache_bytes)
+                             cache_bytes=cache_bytes)
 
 
 def score_modules(task: LoraAdapter, subspace: AlignmentSubspace, config: SafeMergeConfig, *,
