@@ -227,3 +227,23 @@ def test_sft_trainer_with_peft_config(models, tmp_path):
     assert callback.last_result.selected_modules
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models["aligned"]), tmp_path / "final")
     assert isinstance(reloaded, PeftModel)
+
+
+def test_warns_with_modules_that_crossed_threshold(models):
+    from transformers import TrainerState
+
+    from safemerge_callback.repair import ModuleResult, RepairResult
+
+    def result_with(selected: set[str]) -> RepairResult:
+        modules = [ModuleResult(name=name, score=0.1 if name in selected else 0.8, undefined_reason=None,
+                                threshold=0.35, selected=name in selected) for name in ("q", "v")]
+        return RepairResult(modules=modules, adapter=None, config=callback.config, rank_policy="exact")
+
+    callback = make_callback(models)
+    state = TrainerState()
+    state.global_step = 3
+    callback._record(state, result_with({"q"}))
+    state.global_step = 6
+    with pytest.warns(UserWarning, match=r"step 6: 1 module\(s\) crossed τ since the last save: \['v'\]"):
+        callback._record(state, result_with({"q", "v"}))
+    assert state.log_history[-1]["safemerge/newly_selected"] == 1.0
