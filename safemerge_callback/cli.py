@@ -97,6 +97,25 @@ def _run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_sweep(args: argparse.Namespace) -> int:
+    from .evaluation.datasets import load_harmful_prompts, load_task_set, load_xstest
+    from .evaluation.generation import GenerationSettings
+    from .sweep import format_sweep_table, run_sweep
+
+    config = config_from_args(args)
+    harmful = [record["prompt"] for record in load_harmful_prompts(args.harmful, limit=args.limit)]
+    task_records = load_task_set(args.task, args.task_data, limit=args.limit) if args.task else None
+    xstest = load_xstest(args.xstest) if args.xstest else None
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    result = run_sweep(args.task_adapter, config.safety_adapter, config=config, thresholds=args.thresholds,
+                       task_weights=args.task_weights, output_dir=args.output, harmful_prompts=harmful,
+                       task=args.task, task_records=task_records, xstest_records=xstest, limit=args.limit,
+                       utility_metric=args.utility, generation=settings)
+    print(format_sweep_table(result))
+    print(f"Wrote sweep.json, sweep.md and pareto.png to {args.output}")
+    return 0
+
+
 def _run_env(args: argparse.Namespace) -> int:
     from .report import package_versions
 
@@ -128,6 +147,24 @@ def make_parser() -> argparse.ArgumentParser:
     add_config_arguments(score)
     score.set_defaults(func=_run_score)
 
+    sweep = subparsers.add_parser("sweep", help="repair on a τ × weight grid, evaluate each, draw the Pareto front")
+    sweep.add_argument("--task-adapter", required=True, help="fine-tuned LoRA adapter (directory or hub id)")
+    sweep.add_argument("--thresholds", type=float, nargs="+", default=[0.2, 0.35, 0.5], help="τ values of the grid")
+    sweep.add_argument("--task-weights", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9],
+                       help="w_task values of the grid; w_safety = 1 - w_task")
+    sweep.add_argument("--harmful", required=True, help="harmful prompts: CSV/JSON/JSONL file or hub id")
+    sweep.add_argument("--task", choices=["gsm8k", "pubmedqa"], help="utility task")
+    sweep.add_argument("--task-data", help="utility task data: file, folder or hub id")
+    sweep.add_argument("--xstest", help="XSTest prompts for over-refusal")
+    sweep.add_argument("--limit", type=int, help="use the first N items of each set")
+    sweep.add_argument("--utility", choices=["answer_nll", "accuracy"], default="answer_nll",
+                       help="utility axis of the Pareto front (default answer_nll)")
+    sweep.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per response")
+    sweep.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    sweep.add_argument("--output", required=True, type=Path, help="output directory")
+    add_config_arguments(sweep)
+    sweep.set_defaults(func=_run_sweep)
+
     env = subparsers.add_parser("env", help="print versions for bug reports")
     env.set_defaults(func=_run_env)
 
@@ -155,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileExistsError, ImportError) as error:
+    except (ValueError, TypeError, OSError, ImportError) as error:  # OSError: a missing recipe or input file
         print(f"safemerge {args.command}: error: {error}", file=sys.stderr)
         return 2
 

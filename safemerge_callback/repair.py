@@ -137,7 +137,7 @@ def repair_adapter(
     config = _resolve_config(config, config_overrides, safety_adapter)
     task, safety = _load_inputs(task_adapter, config, safety_adapter)
     policy = "exact" if config.rank_policy == "auto" else config.rank_policy
-    subspace = subspace or _build_subspace(config, task)
+    subspace = subspace or build_subspace(config, task)
     if output_dir is not None:
         check_not_inside(Path(output_dir), [task.directory, safety.directory if safety else None,
                                             subspace.base.directory, subspace.aligned.directory])
@@ -149,7 +149,7 @@ def repair_adapter(
     if module_results is None:
         modules = score_modules(task, subspace, config, progress=progress)
     else:
-        modules = _checked_results(module_results, task)
+        modules = _checked_results(module_results, task, config)
     _select(modules, config)
     _apply_missing_safety_policy(modules, task, safety, config)
 
@@ -173,7 +173,7 @@ def score_adapter(task_adapter: Any, *, config: SafeMergeConfig | None = None,
     task = load_adapter(task_adapter, what="task adapter", adapter_name=config.adapter_name,
                         revision=config.revision, allow_pickle=config.allow_pickle)
     _check_finite(task, "task adapter")
-    subspace = subspace or _build_subspace(config, task)
+    subspace = subspace or build_subspace(config, task)
     modules = score_modules(task, subspace, config, progress=progress)
     _select(modules, config)
     return RepairResult(modules=modules, adapter=task, config=config, rank_policy="none",
@@ -244,7 +244,8 @@ def check_compatible(task: LoraAdapter, safety: LoraAdapter) -> None:
                       stacklevel=4)
 
 
-def _build_subspace(config: SafeMergeConfig, task: LoraAdapter) -> AlignmentSubspace:
+def build_subspace(config: SafeMergeConfig, task: LoraAdapter) -> AlignmentSubspace:
+    """Open the alignment subspace of `config`; the aligned model defaults to the adapter's base model."""
     aligned = config.aligned_model or task.config.get("base_model_name_or_path")
     if config.base_model is None or aligned is None:
         raise ValueError("Scoring needs the base model (before alignment) and the aligned model: set `base_model` "
@@ -281,8 +282,12 @@ def score_modules(task: LoraAdapter, subspace: AlignmentSubspace, config: SafeMe
     return results
 
 
-def _checked_results(module_results: list[ModuleResult], task: LoraAdapter) -> list[ModuleResult]:
-    by_name = {result.name: dataclasses.replace(result, selected=False) for result in module_results}
+def _checked_results(module_results: list[ModuleResult], task: LoraAdapter, config: SafeMergeConfig) -> list[ModuleResult]:
+    """Copy precomputed scores, with τ taken from `config` (scores do not depend on it) and nothing selected yet."""
+    by_name = {result.name: dataclasses.replace(
+        result, selected=False, threshold=config.settings_for(result.name)[0], method=None, note=None,
+        rank_after=result.rank_before, realisation_error=0.0, safety_norm=None, merged_norm=result.task_norm,
+    ) for result in module_results}
     if set(by_name) != set(task.modules):
         raise ValueError(f"`module_results` cover {len(by_name)} modules but the task adapter has {len(task.modules)}; "
                          f"missing {sorted(set(task.modules) - set(by_name))[:10]}. Score every module first.")
@@ -331,8 +336,13 @@ def _merge_selected(task, safety, subspace, modules, config, policy, progress=Tr
     for result in tqdm(selected, desc=f"SafeMERGE {config.method}", unit="module", disable=not (progress and selected)):
         module = task.modules[result.name]
         safety_module = safety.modules[result.name] if safety is not None else None
-        merged = _merge_module(module, safety_module, subspace, task, config, policy)
-        stored = _store_module(module, merged, task, policy, rank_pattern, alpha_pattern)
+        try:
+            merged = _merge_module(module, safety_module, subspace, task, config, policy)
+            stored = _store_module(module, merged, task, policy, rank_pattern, alpha_pattern)
+        except Exception as error:  # numerical failures (SVD, out of memory) do not say which module failed
+            error.add_note(f"SafeMERGE failed while merging module {result.name!r}; nothing was written and the "
+                           "inputs are unchanged.")
+            raise
         _verify_module(result.name, stored)
         new_modules[result.name] = stored
         result.method = config.method
