@@ -183,13 +183,14 @@ class SafeMergeConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "SafeMergeConfig":
         """Read a config from a YAML or JSON recipe file."""
-        text = Path(path).read_text(encoding="utf-8")
-        if str(path).endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
+        import yaml
 
-            data = yaml.safe_load(text)
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise ValueError(f"Recipe {path} is not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: "
+                             f"{error}") from None
         if not isinstance(data, dict):
             raise ValueError(f"Recipe {path} must contain a mapping of SafeMergeConfig fields, got {type(data).__name__}.")
         return cls.from_dict(data)
