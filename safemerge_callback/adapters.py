@@ -168,7 +168,7 @@ def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], config: dict[st
         factors.setdefault(match["prefix"], {})[match["factor"]] = tensor
 
     modules = {}
-    for prefix, pair in factors.items():
+    for prefix, pair in sorted(factors.items(), key=lambda item: _natural_key(item[0])):
         name = prefix[len(KEY_PREFIX):] if prefix.startswith(KEY_PREFIX) else prefix
         if set(pair) != {"A", "B"}:
             raise ValueError(f"The {what} {source!r} has lora_{'A' if 'A' in pair else 'B'} but not its partner for "
@@ -265,6 +265,11 @@ def _read_weights(directory: Path, what: str, allow_pickle: bool) -> dict[str, t
             )
         return torch.load(pickle_path, map_location="cpu", weights_only=True)
     raise ValueError(f"The {what} directory {str(directory)!r} has no {ADAPTER_WEIGHTS}.")
+
+
+def _natural_key(name: str) -> list:
+    """Sort key that orders `layers.2` before `layers.10`, so reports follow the model's layer order."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 def jsonable(value: Any) -> Any:

@@ -137,6 +137,7 @@ def repair_adapter(
     config = _resolve_config(config, config_overrides, safety_adapter)
     task, safety = _load_inputs(task_adapter, config, safety_adapter)
     policy = "exact" if config.rank_policy == "auto" else config.rank_policy
+    _check_safety_covers(task, safety, config)
     subspace = subspace or build_subspace(config, task)
     if output_dir is not None:
         check_not_inside(Path(output_dir), [task.directory, safety.directory if safety else None,
@@ -305,19 +306,27 @@ def _select(modules: list[ModuleResult], config: SafeMergeConfig) -> None:
         module.selected = module.name in chosen
 
 
+def _check_safety_covers(task: LoraAdapter, safety: LoraAdapter | None, config: SafeMergeConfig) -> None:
+    """Raise before any scoring when the safety adapter lacks task modules and the policy is `"error"`."""
+    if safety is None or config.missing_safety_module != "error":
+        return
+    missing = [name for name in task.modules if name not in safety.modules]
+    if missing:
+        raise ValueError(
+            f"The safety adapter {safety.source!r} lacks {len(missing)} module(s) of the task adapter: {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}. Train the safety adapter with the same target_modules, or set "
+            "`missing_safety_module='keep_task'` to leave those modules unmerged (they are listed in the report)."
+        )
+
+
 def _apply_missing_safety_policy(modules, task, safety, config) -> None:
     if safety is None:
         return
     missing = [m.name for m in modules if m.name not in safety.modules]
     if not missing:
         return
+    _check_safety_covers(task, safety, config)
     selected_missing = [m for m in modules if m.selected and m.name in missing]
-    if config.missing_safety_module == "error":
-        raise ValueError(
-            f"The safety adapter {safety.source!r} lacks {len(missing)} module(s) of the task adapter: {missing[:10]}"
-            f"{' ...' if len(missing) > 10 else ''}. Train the safety adapter with the same target_modules, or set "
-            "`missing_safety_module='keep_task'` to leave those modules unmerged (they are listed in the report)."
-        )
     for module in modules:
         if module.name in missing:
             module.note = MISSING_IN_SAFETY
