@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -75,8 +76,8 @@ def check_not_inside(output_dir: Path, inputs: Sequence[Path | None]) -> None:
         source = Path(source).resolve()
         if output == source or output in source.parents or source in output.parents:
             raise ValueError(
-                f"The output directory {str(output_dir)!r} would overwrite the input {str(source)!r}. "
-                "Choose another output directory."
+                f"The output directory {str(output_dir)!r} is, contains or lies inside the input {str(source)!r}; "
+                "inputs are never modified. Choose another output directory."
             )
 
 
@@ -106,6 +107,14 @@ def atomic_directory(final_dir: str | os.PathLike, *, overwrite: bool = False) -
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.rename(staging, final_dir)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            # The bare OS message names neither the output nor what became of it.
+            raise OSError(error.errno, f"No space left on device while writing {str(final_dir)!r}; nothing was "
+                          "written under that name and an existing directory there is unchanged. Free disk space "
+                          "or choose an output directory on another disk.") from error
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -81,19 +81,55 @@ def write_live_adapter(model: torch.nn.Module, result: Any, adapter_name: str, b
             continue
         values[f"{name}.lora_A.{adapter_name}.weight"] = repaired.modules[name].lora_a
         values[f"{name}.lora_B.{adapter_name}.weight"] = repaired.modules[name].lora_b
-    with distributed.full_adapter_parameters(model, adapter_name, backend, writeback=True) as parameters:
-        for clean_name, parameter in parameters:
-            key = clean_name[len("base_model.model."):] if clean_name.startswith("base_model.model.") else clean_name
-            if key in values:
-                distributed.write_full_value(parameter, values[key], backend)
+    # A write-back that stops half way would leave old and new factors mixed, so keep what it changes and put the
+    # adapter back on failure. Sharded parameters cannot be restored from one rank, so there the error gets a note.
+    undo = None if backend in distributed.SHARDED_BACKENDS else _snapshot_layers(peft_model, changed, adapter_name)
+    try:
+        with distributed.full_adapter_parameters(model, adapter_name, backend, writeback=True) as parameters:
+            for clean_name, parameter in parameters:
+                key = clean_name.removeprefix("base_model.model.")
+                if key in values:
+                    distributed.write_full_value(parameter, values[key], backend)
 
-    for name in widened:
-        _replace_factors(peft_model, name, repaired.modules[name], adapter_name)
-    if widened:
-        peft_config = peft_model.peft_config[adapter_name]
-        peft_config.rank_pattern = dict(repaired.config.get("rank_pattern") or {})
-        peft_config.alpha_pattern = dict(repaired.config.get("alpha_pattern") or {})
+        for name in widened:
+            _replace_factors(peft_model, name, repaired.modules[name], adapter_name)
+        if widened:
+            peft_config = peft_model.peft_config[adapter_name]
+            peft_config.rank_pattern = dict(repaired.config.get("rank_pattern") or {})
+            peft_config.alpha_pattern = dict(repaired.config.get("alpha_pattern") or {})
+    except BaseException as error:
+        if undo is None:
+            error.add_note(f"The live adapter may be partly written under {backend}; do not save it.")
+        else:
+            _restore_layers(peft_model, undo, adapter_name)
+            error.add_note("The live adapter was put back as it was before the repair.")
+        raise
     return changed
+
+
+def _snapshot_layers(peft_model: Any, names: list[str], adapter_name: str) -> dict[str, Any]:
+    """Keep what a write-back changes: each layer's factor modules and values, `r`, α, scaling, and the patterns."""
+    layers = {}
+    for name in names:
+        layer = peft_model.base_model.model.get_submodule(name)
+        lora_a, lora_b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        layers[name] = (lora_a, lora_b, lora_a.weight.detach().clone(), lora_b.weight.detach().clone(),
+                        layer.r[adapter_name], layer.lora_alpha[adapter_name], layer.scaling[adapter_name])
+    peft_config = peft_model.peft_config[adapter_name]
+    patterns = (dict(peft_config.rank_pattern or {}), dict(peft_config.alpha_pattern or {}))
+    return {"layers": layers, "patterns": patterns}
+
+
+def _restore_layers(peft_model: Any, snapshot: dict[str, Any], adapter_name: str) -> None:
+    """Put back the layers and patterns kept by `_snapshot_layers`."""
+    for name, (lora_a, lora_b, value_a, value_b, rank, alpha, scaling) in snapshot["layers"].items():
+        layer = peft_model.base_model.model.get_submodule(name)
+        lora_a.weight.data.copy_(value_a)
+        lora_b.weight.data.copy_(value_b)
+        layer.lora_A[adapter_name], layer.lora_B[adapter_name] = lora_a, lora_b
+        layer.r[adapter_name], layer.lora_alpha[adapter_name], layer.scaling[adapter_name] = rank, alpha, scaling
+    peft_config = peft_model.peft_config[adapter_name]
+    peft_config.rank_pattern, peft_config.alpha_pattern = snapshot["patterns"]
 
 
 def _replace_factors(peft_model: Any, module_name: str, module: Any, adapter_name: str) -> None:
