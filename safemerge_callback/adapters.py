@@ -103,13 +103,13 @@ class LoraAdapter:
         return lora_alpha / math.sqrt(rank) if self.use_rslora else lora_alpha / rank
 
 
-def load_adapter(adapter: Any, *, what: str = "adapter", adapter_name: str = "default", revision: str | None = None,
+def load_adapter(adapter: Any, *, role: str = "adapter", adapter_name: str = "default", revision: str | None = None,
                  allow_pickle: bool = False) -> LoraAdapter:
     """Load a LoRA adapter from a directory, a hub id, an in-memory PEFT model or a `LoraAdapter`.
 
     Args:
         adapter: a directory, a hub id, a `peft.PeftModel`, or a `LoraAdapter` (returned as is).
-        what: the adapter's role (`"task adapter"`, `"safety adapter"`) for error messages.
+        role: the adapter's role (`"task adapter"`, `"safety adapter"`) for error messages.
         adapter_name: adapter of a PEFT model to read.
         revision: hub revision.
         allow_pickle: read `adapter_model.bin` when no safetensors file exists.
@@ -121,44 +121,44 @@ def load_adapter(adapter: Any, *, what: str = "adapter", adapter_name: str = "de
     if isinstance(adapter, LoraAdapter):
         return adapter
     if hasattr(adapter, "peft_config"):
-        return adapter_from_model(adapter, adapter_name=adapter_name, what=what)
+        return adapter_from_model(adapter, adapter_name=adapter_name, role=role)
     if not isinstance(adapter, (str, Path)):
-        raise TypeError(f"The {what} must be a directory, a hub id or a PeftModel, got {type(adapter).__name__}.")
+        raise TypeError(f"The {role} must be a directory, a hub id or a PeftModel, got {type(adapter).__name__}.")
 
     directory = resolve_directory(
-        adapter, what=what, revision=revision, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, *COMPANION_FILES]
+        adapter, role=role, revision=revision, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, *COMPANION_FILES]
     )
-    config = _read_config(directory, what)
-    state_dict = _read_weights(directory, what, allow_pickle)
-    return adapter_from_state_dict(state_dict, config, source=str(adapter), what=what, directory=directory)
+    config = _read_config(directory, role)
+    state_dict = _read_weights(directory, role, allow_pickle)
+    return adapter_from_state_dict(state_dict, config, source=str(adapter), role=role, directory=directory)
 
 
-def adapter_from_model(model: Any, *, adapter_name: str = "default", what: str = "adapter") -> LoraAdapter:
+def adapter_from_model(model: Any, *, adapter_name: str = "default", role: str = "adapter") -> LoraAdapter:
     """Read one adapter of an in-memory PEFT model (plain tensors; under ZeRO-3 / FSDP gather them first)."""
     from peft import get_peft_model_state_dict
 
     if adapter_name not in model.peft_config:
         raise ValueError(
-            f"The {what} model has no adapter named {adapter_name!r}; it has {sorted(model.peft_config)}. "
+            f"The {role} model has no adapter named {adapter_name!r}; it has {sorted(model.peft_config)}. "
             "Set `adapter_name` to one of them."
         )
     config = model.peft_config[adapter_name].to_dict()
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     state_dict = {key: value.detach().cpu() for key, value in state_dict.items()}
-    return adapter_from_state_dict(state_dict, jsonable(config), source=f"<PeftModel:{adapter_name}>", what=what)
+    return adapter_from_state_dict(state_dict, jsonable(config), source=f"<PeftModel:{adapter_name}>", role=role)
 
 
 def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], config: dict[str, Any], *, source: str = "<memory>",
-                            what: str = "adapter", directory: Path | None = None) -> LoraAdapter:
+                            role: str = "adapter", directory: Path | None = None) -> LoraAdapter:
     """Split a saved adapter state dict into per-module factors and carried tensors, validating it."""
-    _check_config(config, source, what)
+    _check_config(config, source, role)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     other: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         for marker, description in _UNSUPPORTED_KEYS.items():
             if f".{marker}" in key:
                 raise ValueError(
-                    f"The {what} {source!r} uses {description} (key {key!r}). SafeMERGE scores and merges plain "
+                    f"The {role} {source!r} uses {description} (key {key!r}). SafeMERGE scores and merges plain "
                     "linear LoRA updates only; retrain without it or leave that module out of `target_modules`."
                 )
         match = _LORA_KEY.match(key)
@@ -171,11 +171,11 @@ def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], config: dict[st
     for prefix, pair in sorted(factors.items(), key=lambda item: _natural_key(item[0])):
         name = prefix[len(KEY_PREFIX):] if prefix.startswith(KEY_PREFIX) else prefix
         if set(pair) != {"A", "B"}:
-            raise ValueError(f"The {what} {source!r} has lora_{'A' if 'A' in pair else 'B'} but not its partner for "
+            raise ValueError(f"The {role} {source!r} has lora_{'A' if 'A' in pair else 'B'} but not its partner for "
                              f"module {name!r}; the file is incomplete.")
-        modules[name] = _make_module(name, pair["A"], pair["B"], config, source, what)
+        modules[name] = _make_module(name, pair["A"], pair["B"], config, source, role)
     if not modules:
-        raise ValueError(f"The {what} {source!r} contains no LoRA factors (keys ending in lora_A/lora_B.weight).")
+        raise ValueError(f"The {role} {source!r} contains no LoRA factors (keys ending in lora_A/lora_B.weight).")
     return LoraAdapter(config=config, modules=modules, other_tensors=other, source=source, directory=directory)
 
 
@@ -208,10 +208,10 @@ def pattern_value(patterns: dict[str, Any] | None, module_name: str, default: An
 
 
 def _make_module(name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, config: dict, source: str,
-                 what: str) -> LoraModule:
+                 role: str) -> LoraModule:
     if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[0] != lora_b.shape[1]:
         raise ValueError(
-            f"The {what} {source!r} has inconsistent factors for {name!r}: lora_A {tuple(lora_a.shape)}, "
+            f"The {role} {source!r} has inconsistent factors for {name!r}: lora_A {tuple(lora_a.shape)}, "
             f"lora_B {tuple(lora_b.shape)}; expected (r, in) and (out, r). Conv LoRA layers are not supported."
         )
     rank = lora_a.shape[0]
@@ -220,51 +220,51 @@ def _make_module(name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, config: 
     return LoraModule(name=name, lora_a=lora_a, lora_b=lora_b, lora_alpha=lora_alpha, scaling=scaling)
 
 
-def _check_config(config: dict[str, Any], source: str, what: str) -> None:
+def _check_config(config: dict[str, Any], source: str, role: str) -> None:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise ValueError(f"The {what} {source!r} is a {peft_type} adapter; SafeMERGE repairs LoRA adapters only.")
+        raise ValueError(f"The {role} {source!r} is a {peft_type} adapter; SafeMERGE repairs LoRA adapters only.")
     if config.get("use_dora"):
         raise ValueError(
-            f"The {what} {source!r} uses DoRA (`use_dora=True`). Its update is not `s·B·A` (a magnitude vector "
+            f"The {role} {source!r} uses DoRA (`use_dora=True`). Its update is not `s·B·A` (a magnitude vector "
             "rescales the columns), so the alignment score would be wrong; train a plain LoRA adapter instead."
         )
     if config.get("lora_bias"):
-        raise ValueError(f"The {what} {source!r} has `lora_bias=True`, which the merge does not support; "
+        raise ValueError(f"The {role} {source!r} has `lora_bias=True`, which the merge does not support; "
                          "train it with `lora_bias=False`.")
     if config.get("target_parameters"):
-        raise ValueError(f"The {what} {source!r} targets parameters directly (`target_parameters`); "
+        raise ValueError(f"The {role} {source!r} targets parameters directly (`target_parameters`); "
                          "SafeMERGE supports LoRA on modules (`target_modules`) only.")
 
 
-def _read_config(directory: Path, what: str) -> dict[str, Any]:
+def _read_config(directory: Path, role: str) -> dict[str, Any]:
     path = directory / ADAPTER_CONFIG
     if not path.is_file():
-        raise ValueError(f"The {what} directory {str(directory)!r} has no {ADAPTER_CONFIG}; "
+        raise ValueError(f"The {role} directory {str(directory)!r} has no {ADAPTER_CONFIG}; "
                          "pass a directory written by `PeftModel.save_pretrained`.")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"The {what} config {str(path)!r} is not valid JSON: {error}.") from None
+        raise ValueError(f"The {role} config {str(path)!r} is not valid JSON: {error}.") from None
 
 
-def _read_weights(directory: Path, what: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _read_weights(directory: Path, role: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
     path = directory / ADAPTER_WEIGHTS
     if path.is_file():
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"The {what} weights {str(path)!r} are corrupt or truncated ({error}). "
+            raise ValueError(f"The {role} weights {str(path)!r} are corrupt or truncated ({error}). "
                              "Save the adapter again.") from None
     pickle_path = directory / ADAPTER_PICKLE
     if pickle_path.is_file():
         if not allow_pickle:
             raise ValueError(
-                f"The {what} {str(directory)!r} has only a pickle file ({ADAPTER_PICKLE}), which can run code when "
+                f"The {role} {str(directory)!r} has only a pickle file ({ADAPTER_PICKLE}), which can run code when "
                 "loaded. Convert it to safetensors, or set `allow_pickle=True` if you trust its source."
             )
         return torch.load(pickle_path, map_location="cpu", weights_only=True)
-    raise ValueError(f"The {what} directory {str(directory)!r} has no {ADAPTER_WEIGHTS}.")
+    raise ValueError(f"The {role} directory {str(directory)!r} has no {ADAPTER_WEIGHTS}.")
 
 
 def _natural_key(name: str) -> list:

@@ -99,7 +99,7 @@ class SafeMergeCallback(TrainerCallback):
             if self.config.safety_adapter is None:
                 raise ValueError(f"method {self.config.method!r} needs `safety_adapter`; pass one, or use "
                                  "method='safelora', which needs none.")
-            self.safety = load_adapter(self.config.safety_adapter, what="safety adapter",
+            self.safety = load_adapter(self.config.safety_adapter, role="safety adapter",
                                        revision=self.config.revision, allow_pickle=self.config.allow_pickle)
         self._validate_against_model(model)
         logger.info("SafeMERGE ready: backend %s, aligned %s, base %s.", self.backend, aligned, self.config.base_model)

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 def resolve_directory(
     name_or_path: str | os.PathLike,
     *,
-    what: str,
+    role: str,
     allow_patterns: Sequence[str] | None = None,
     revision: str | None = None,
 ) -> Path:
@@ -27,7 +27,7 @@ def resolve_directory(
 
     Args:
         name_or_path: local directory or hub repo id (`org/name`).
-        what: what the directory is, for error messages (e.g. `"aligned model"`).
+        role: the directory's role for error messages (e.g. `"aligned model"`).
         allow_patterns: files to download for a hub id (glob patterns); everything else stays remote.
         revision: hub revision.
 
@@ -39,13 +39,13 @@ def resolve_directory(
         return path
     text = str(name_or_path)
     if path.exists():
-        raise ValueError(f"The {what} {text!r} is a file; pass the directory that contains it.")
+        raise ValueError(f"The {role} {text!r} is a file; pass the directory that contains it.")
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep == "\\" and "\\" in text:
-        raise ValueError(f"The {what} directory {text!r} does not exist.")
-    return _download_snapshot(text, what=what, allow_patterns=allow_patterns, revision=revision)
+        raise ValueError(f"The {role} directory {text!r} does not exist.")
+    return _download_snapshot(text, role=role, allow_patterns=allow_patterns, revision=revision)
 
 
-def _download_snapshot(repo_id: str, *, what: str, allow_patterns, revision) -> Path:
+def _download_snapshot(repo_id: str, *, role: str, allow_patterns, revision) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
@@ -54,7 +54,7 @@ def _download_snapshot(repo_id: str, *, what: str, allow_patterns, revision) -> 
     except Exception as error:  # hub errors come in many types (offline, 404, gated, network)
         offline = " HF_HUB_OFFLINE is set, so only files already in the hub cache can be used." if HF_HUB_OFFLINE else ""
         raise ValueError(
-            f"Could not fetch the {what} {repo_id!r} from the Hugging Face hub ({type(error).__name__}: {error}).{offline} "
+            f"Could not fetch the {role} {repo_id!r} from the Hugging Face hub ({type(error).__name__}: {error}).{offline} "
             "Pass a local directory instead (e.g. one written by `save_pretrained`), or check the id, your network "
             "and your access to the repository."
         ) from error

@@ -57,7 +57,7 @@ def read_live_adapter(model: torch.nn.Module, adapter_name: str, backend: str) -
     if empty:
         raise RuntimeError(f"Gathered empty tensors for {empty[:5]} on backend {backend!r}; the parameters are still "
                            "partitioned. This is a bug in the gather path, please report it with `safemerge env`.")
-    return adapter_from_state_dict(state_dict, config, source=f"<live:{adapter_name}>", what="task adapter")
+    return adapter_from_state_dict(state_dict, config, source=f"<live:{adapter_name}>", role="task adapter")
 
 
 @torch.no_grad()

@@ -171,7 +171,7 @@ def score_adapter(task_adapter: Any, *, config: SafeMergeConfig | None = None,
                   **config_overrides: Any) -> RepairResult:
     """Score every module and report which ones a repair would select, without merging anything (dry run)."""
     config = _resolve_config(config, config_overrides, None)
-    task = load_adapter(task_adapter, what="task adapter", adapter_name=config.adapter_name,
+    task = load_adapter(task_adapter, role="task adapter", adapter_name=config.adapter_name,
                         revision=config.revision, allow_pickle=config.allow_pickle)
     _check_finite(task, "task adapter")
     subspace = subspace or build_subspace(config, task)
@@ -203,7 +203,7 @@ def _resolve_config(config, overrides, safety_adapter) -> SafeMergeConfig:
 
 
 def _load_inputs(task_adapter, config, safety_adapter=None) -> tuple[LoraAdapter, LoraAdapter | None]:
-    task = load_adapter(task_adapter, what="task adapter", adapter_name=config.adapter_name,
+    task = load_adapter(task_adapter, role="task adapter", adapter_name=config.adapter_name,
                         revision=config.revision, allow_pickle=config.allow_pickle)
     _check_finite(task, "task adapter")
     if not config.needs_safety_adapter:
@@ -214,18 +214,18 @@ def _load_inputs(task_adapter, config, safety_adapter=None) -> tuple[LoraAdapter
         raise ValueError(f"method {config.method!r} merges with a safety adapter, but none was given. Pass "
                          "`safety_adapter` (a LoRA trained on the aligned model with refusal data), or use "
                          "method 'safelora', which needs none.")
-    safety = load_adapter(safety_adapter, what="safety adapter", revision=config.revision,
+    safety = load_adapter(safety_adapter, role="safety adapter", revision=config.revision,
                           allow_pickle=config.allow_pickle)
     _check_finite(safety, "safety adapter")
     check_compatible(task, safety)
     return task, safety
 
 
-def _check_finite(adapter: LoraAdapter, what: str) -> None:
+def _check_finite(adapter: LoraAdapter, role: str) -> None:
     bad = [name for name, m in adapter.modules.items()
            if not (torch.isfinite(m.lora_a).all() and torch.isfinite(m.lora_b).all())]
     if bad:
-        raise ValueError(f"The {what} {adapter.source!r} has NaN or Inf in {len(bad)} module(s): {bad[:10]}. "
+        raise ValueError(f"The {role} {adapter.source!r} has NaN or Inf in {len(bad)} module(s): {bad[:10]}. "
                          "Training diverged or the file is corrupt; use an earlier checkpoint.")
 
 

@@ -33,19 +33,19 @@ class CheckpointReader:
 
     Args:
         name_or_path (`str`): local directory or hub id.
-        what (`str`): the checkpoint's role for error messages (`"base model"`, `"aligned model"`).
+        role (`str`): the checkpoint's role for error messages (`"base model"`, `"aligned model"`).
         revision (`str`, *optional*): hub revision.
         allow_pickle (`bool`, defaults to `False`): accept `pytorch_model.bin` checkpoints (read with
             `torch.load(weights_only=True, mmap=True)`).
     """
 
-    def __init__(self, name_or_path: str, *, what: str, revision: str | None = None, allow_pickle: bool = False):
+    def __init__(self, name_or_path: str, *, role: str, revision: str | None = None, allow_pickle: bool = False):
         self.name_or_path = str(name_or_path)
-        self.what = what
+        self.role = role
         self.revision = revision
         self.allow_pickle = allow_pickle
         self.directory = resolve_directory(
-            name_or_path, what=what, revision=revision,
+            name_or_path, role=role, revision=revision,
             allow_patterns=["config.json", SAFETENSORS_INDEX, SAFETENSORS_SINGLE],
         )
         self._is_hub = not Path(name_or_path).expanduser().is_dir()
@@ -63,12 +63,12 @@ class CheckpointReader:
         if (self.directory / PICKLE_SINGLE).is_file() or (self.directory / PICKLE_INDEX).is_file():
             if not self.allow_pickle:
                 raise ValueError(
-                    f"The {self.what} {self.name_or_path!r} has only pickle weights (pytorch_model.bin), which can run "
+                    f"The {self.role} {self.name_or_path!r} has only pickle weights (pytorch_model.bin), which can run "
                     "code when loaded. Convert it with `save_pretrained(..., safe_serialization=True)`, or set "
                     "`allow_pickle=True` if you trust its source."
                 )
             return self._load_pickled()
-        raise ValueError(f"The {self.what} {self.name_or_path!r} has no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}.")
+        raise ValueError(f"The {self.role} {self.name_or_path!r} has no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}.")
 
     def _load_pickled(self) -> dict[str, str]:
         if (self.directory / PICKLE_INDEX).is_file():
@@ -84,12 +84,12 @@ class CheckpointReader:
         if path not in self._handles:
             if not path.is_file() and self._is_hub:
                 download_hub_files(self.name_or_path, [path.name], revision=self.revision)
-                path = Path(resolve_directory(self.name_or_path, what=self.what, revision=self.revision,
+                path = Path(resolve_directory(self.name_or_path, role=self.role, revision=self.revision,
                                               allow_patterns=[path.name])) / path.name
             try:
                 self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
             except (SafetensorError, OSError) as error:
-                raise ValueError(f"Could not read the {self.what} file {str(path)!r} ({error}); it is missing, "
+                raise ValueError(f"Could not read the {self.role} file {str(path)!r} ({error}); it is missing, "
                                  "truncated or not a safetensors file.") from None
         return self._handles[path]
 
@@ -106,7 +106,7 @@ class CheckpointReader:
         try:
             return self._open(self.directory / self.weight_map[key]).get_tensor(key)
         except SafetensorError as error:
-            raise ValueError(f"Could not read {key!r} from the {self.what} ({error}); the file may be truncated.") from None
+            raise ValueError(f"Could not read {key!r} from the {self.role} ({error}); the file may be truncated.") from None
 
     def find_weight(self, module_name: str) -> str | None:
         """Return the checkpoint key of `module_name`'s weight, or None when the checkpoint has no such module.
@@ -125,7 +125,7 @@ class CheckpointReader:
         if module_name.split(".")[-1] == "lm_head":
             embeddings = [key for key in self.weight_map if key.endswith(EMBEDDING_SUFFIXES)]
             if len(embeddings) == 1:
-                logger.info("%s: %s has no lm_head weight; using the tied embedding %s.", self.what,
+                logger.info("%s: %s has no lm_head weight; using the tied embedding %s.", self.role,
                             self.name_or_path, embeddings[0])
                 return embeddings[0]
         return None
@@ -147,8 +147,8 @@ class AlignmentSubspace:
                  allow_pickle: bool = False, cache_bytes: int = 0):
         if base_model is None or aligned_model is None:
             raise ValueError("AlignmentSubspace needs both `base_model` and `aligned_model` (directories or hub ids).")
-        self.base = CheckpointReader(base_model, what="base model", revision=revision, allow_pickle=allow_pickle)
-        self.aligned = CheckpointReader(aligned_model, what="aligned model", revision=revision,
+        self.base = CheckpointReader(base_model, role="base model", revision=revision, allow_pickle=allow_pickle)
+        self.aligned = CheckpointReader(aligned_model, role="aligned model", revision=revision,
                                         allow_pickle=allow_pickle)
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple[str, bool], torch.Tensor] = OrderedDict()
@@ -169,13 +169,13 @@ class AlignmentSubspace:
             for reader in (self.base, self.aligned):
                 key = reader.find_weight(name)
                 if key is None:
-                    problems.append(f"{name}: no weight in the {reader.what} ({reader.name_or_path})")
+                    problems.append(f"{name}: no weight in the {reader.role} ({reader.name_or_path})")
                     continue
                 stored = reader.shape(key)
                 if len(stored) != 2:
-                    problems.append(f"{name}: {reader.what} tensor {key} is {len(stored)}-D, not a 2-D weight")
+                    problems.append(f"{name}: {reader.role} tensor {key} is {len(stored)}-D, not a 2-D weight")
                 elif _oriented(stored, shape, fan_in_fan_out) is None:
-                    problems.append(f"{name}: {reader.what} weight {key} has shape {stored}, adapter implies "
+                    problems.append(f"{name}: {reader.role} weight {key} has shape {stored}, adapter implies "
                                     f"(out, in) = {shape}")
         if problems:
             listing = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")

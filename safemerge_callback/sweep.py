@@ -120,7 +120,7 @@ def run_sweep(task_adapter: Any, safety_adapter: Any, *, config: SafeMergeConfig
     if utility_metric not in ("answer_nll", "accuracy"):
         raise ValueError(f"utility_metric must be 'answer_nll' or 'accuracy', got {utility_metric!r}.")
     output_dir = Path(output_dir)
-    task_lora = load_adapter(task_adapter, what="task adapter", revision=config.revision,
+    task_lora = load_adapter(task_adapter, role="task adapter", revision=config.revision,
                              allow_pickle=config.allow_pickle)
     if task_lora.directory is None:
         raise ValueError("run_sweep evaluates adapters from disk; pass the task adapter as a directory or hub id.")
