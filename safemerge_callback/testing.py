@@ -139,3 +139,25 @@ def fill_lora_weights(peft_model, *, seed: int = 0, scale: float = 0.1, adapter_
                 continue
             if ".lora_" in name or ".modules_to_save." in name:
                 parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write tiny base/aligned checkpoints and task/safety adapters into a folder, for trying the CLI offline."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m safemerge_callback.testing",
+                                     description="Write tiny models and adapters for trying `safemerge` offline.")
+    parser.add_argument("output", type=Path, help="folder to create base/, aligned/, task/ and safety/ in")
+    args = parser.parse_args(argv)
+
+    base, aligned = save_base_and_aligned(args.output)
+    save_random_adapter(aligned, args.output / "task", seed=1, r=8, lora_alpha=16)
+    save_random_adapter(aligned, args.output / "safety", seed=2, r=4, lora_alpha=8)
+    print(f"Wrote {base}, {aligned}, {args.output / 'task'} and {args.output / 'safety'}. Try:\n"
+          f"  safemerge repair --task-adapter {args.output / 'task'} --safety-adapter {args.output / 'safety'} "
+          f"--base-model {base} --output {args.output / 'repaired'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

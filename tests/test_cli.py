@@ -213,3 +213,16 @@ def test_cli_env_prints_versions(capsys):
     assert versions["transformers"] == transformers.__version__
     assert versions["peft"] == peft.__version__
     assert "python" in versions
+
+
+def test_tiny_model_writer_feeds_repair(tmp_path, capsys):
+    from safemerge_callback import testing
+    from safemerge_callback.cli import main as cli_main
+
+    assert testing.main([str(tmp_path / "tiny")]) == 0
+    assert "safemerge repair --task-adapter" in capsys.readouterr().out
+    code = cli_main(["repair", "--task-adapter", str(tmp_path / "tiny" / "task"), "--safety-adapter",
+                     str(tmp_path / "tiny" / "safety"), "--base-model", str(tmp_path / "tiny" / "base"),
+                     "--output", str(tmp_path / "tiny" / "repaired"), "--quiet"])
+    assert code == 0
+    assert (tmp_path / "tiny" / "repaired" / "safemerge_report.json").is_file()
