@@ -268,8 +268,8 @@ def score_modules(task: LoraAdapter, subspace: AlignmentSubspace, config: SafeMe
     results = []
     for name in tqdm(names, desc="SafeMERGE scoring", unit="module", disable=not progress):
         module = task.modules[name]
-        delta = subspace.delta(name, module.shape, task.fan_in_fan_out)
-        terms = scoring.lora_alignment_score(delta, module.lora_a, module.lora_b)
+        delta, delta_norm = subspace.delta_and_norm(name, module.shape, task.fan_in_fan_out)
+        terms = scoring.lora_alignment_score(delta, module.lora_a, module.lora_b, delta_norm)
         threshold, _, _ = config.settings_for(name)
         results.append(ModuleResult(
             name=name, score=terms.score, undefined_reason=terms.undefined_reason, threshold=threshold,

@@ -39,13 +39,15 @@ class ScoreTerms:
     delta_norm: float
 
 
-def lora_alignment_score(delta: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> ScoreTerms:
+def lora_alignment_score(delta: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                         delta_norm: float | None = None) -> ScoreTerms:
     """Compute `ρ = cos(vec(C B A), vec(B A))` without forming `C` or `B A`.
 
     Args:
         delta (`torch.Tensor`): alignment delta `V = W_aligned − W_base`, shape `(out, in)`.
         lora_a (`torch.Tensor`): `A`, shape `(r, in)`.
         lora_b (`torch.Tensor`): `B`, shape `(out, r)`.
+        delta_norm (`float`, *optional*): `‖V‖_F` when the caller already has it (saves one pass over `V`).
 
     Returns:
         `ScoreTerms`. Computed in the dtype of `delta` (float32 in the library, float64 in tests), whatever the
@@ -59,7 +61,8 @@ def lora_alignment_score(delta: torch.Tensor, lora_a: torch.Tensor, lora_b: torc
 
     gram_a = lora_a @ lora_a.T  # K, (r, r)
     update_sq = torch.sum((lora_b.T @ lora_b) * gram_a).item()  # tr(Bᵀ B K) = ‖B A‖²
-    delta_norm = torch.linalg.vector_norm(delta).item()
+    if delta_norm is None:
+        delta_norm = torch.linalg.vector_norm(delta).item()
     update_norm = math.sqrt(max(update_sq, 0.0))
 
     if update_sq == 0.0:

@@ -6,9 +6,10 @@ mapped), so a 7B pair never has to fit in memory. Tensors are paired by their fu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections import OrderedDict
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,7 +50,7 @@ class CheckpointReader:
             allow_patterns=["config.json", SAFETENSORS_INDEX, SAFETENSORS_SINGLE],
         )
         self._is_hub = not Path(name_or_path).expanduser().is_dir()
-        self._handles: dict[Path, object] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self.weight_map = self._build_weight_map()
 
@@ -59,7 +60,12 @@ class CheckpointReader:
             return dict(json.loads(index.read_text())["weight_map"])
         single = self.directory / SAFETENSORS_SINGLE
         if single.is_file():
-            return {key: SAFETENSORS_SINGLE for key in self._open(single).keys()}
+            try:
+                with safe_open(str(single), framework="pt", device="cpu") as handle:
+                    return {key: SAFETENSORS_SINGLE for key in handle.keys()}
+            except (SafetensorError, OSError) as error:
+                raise ValueError(f"Could not read the {self.role} file {str(single)!r} ({error}); it is truncated or "
+                                 "not a safetensors file.") from None
         if (self.directory / PICKLE_SINGLE).is_file() or (self.directory / PICKLE_INDEX).is_file():
             if not self.allow_pickle:
                 raise ValueError(
@@ -80,31 +86,45 @@ class CheckpointReader:
             self._pickled.update(torch.load(self.directory / name, map_location="cpu", weights_only=True, mmap=True))
         return {key: PICKLE_SINGLE for key in self._pickled}
 
-    def _open(self, path: Path):
-        if path not in self._handles:
-            if not path.is_file() and self._is_hub:
-                download_hub_files(self.name_or_path, [path.name], revision=self.revision)
-                path = Path(resolve_directory(self.name_or_path, role=self.role, revision=self.revision,
-                                              allow_patterns=[path.name])) / path.name
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as error:
-                raise ValueError(f"Could not read the {self.role} file {str(path)!r} ({error}); it is missing, "
-                                 "truncated or not a safetensors file.") from None
-        return self._handles[path]
+    def _local_path(self, key: str) -> Path:
+        """Return the local file that stores `key`, downloading that shard first for a hub id."""
+        path = self.directory / self.weight_map[key]
+        if not path.is_file() and self._is_hub:
+            download_hub_files(self.name_or_path, [path.name], revision=self.revision)
+            path = Path(resolve_directory(self.name_or_path, role=self.role, revision=self.revision,
+                                          allow_patterns=[path.name])) / path.name
+        return path
+
+    @contextlib.contextmanager
+    def _open(self, key: str):
+        # One short-lived handle per read: safetensors memory-maps the whole file, and pages read through a handle
+        # that stays open count towards the process's resident memory until it is closed.
+        path = self._local_path(key)
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"Could not read the {self.role} file {str(path)!r} ({error}); it is missing, "
+                             "truncated or not a safetensors file.") from None
+        with handle:
+            yield handle
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Return the shape of tensor `key` from the file header, without reading its data."""
         if self._pickled is not None:
             return tuple(self._pickled[key].shape)
-        return tuple(self._open(self.directory / self.weight_map[key]).get_slice(key).get_shape())
+        if key not in self._shapes:
+            with self._open(key) as handle:
+                self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+        return self._shapes[key]
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """Read tensor `key`."""
+    def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read tensor `key` as a new tensor that shares no memory with the file (converted to `dtype` if given)."""
         if self._pickled is not None:
-            return self._pickled[key]
+            return self._pickled[key].to(dtype or self._pickled[key].dtype, copy=True)
         try:
-            return self._open(self.directory / self.weight_map[key]).get_tensor(key)
+            with self._open(key) as handle:
+                stored = handle.get_tensor(key)
+                return stored.to(dtype or stored.dtype, copy=True)
         except SafetensorError as error:
             raise ValueError(f"Could not read {key!r} from the {self.role} ({error}); the file may be truncated.") from None
 
@@ -139,8 +159,8 @@ class AlignmentSubspace:
         aligned_model (`str`): the safety-aligned model the adapters were trained on.
         revision (`str`, *optional*): hub revision for both.
         allow_pickle (`bool`, defaults to `False`): accept `.bin` checkpoints.
-        cache_bytes (`int`, defaults to 0): keep up to this many bytes of deltas in memory (least recently used
-            first out), so repeated repairs (one per checkpoint) read each tensor once.
+        cache_bytes (`int`, defaults to 0): keep deltas in memory up to this many bytes (the first ones read, never
+            evicted), so repeated repairs (one per checkpoint) skip reading and subtracting them again.
     """
 
     def __init__(self, base_model: str, aligned_model: str, *, revision: str | None = None,
@@ -151,7 +171,7 @@ class AlignmentSubspace:
         self.aligned = CheckpointReader(aligned_model, role="aligned model", revision=revision,
                                         allow_pickle=allow_pickle)
         self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[tuple[str, bool], torch.Tensor] = OrderedDict()
+        self._cache: dict[tuple[str, bool], tuple[torch.Tensor, float]] = {}
         self._cached_bytes = 0
 
     def check_modules(self, shapes: dict[str, tuple[int, int]], fan_in_fan_out: bool = False) -> None:
@@ -185,43 +205,47 @@ class AlignmentSubspace:
             )
 
     def delta(self, module_name: str, shape: tuple[int, int], fan_in_fan_out: bool = False) -> torch.Tensor:
-        """Return `V = W_aligned − W_base` for one module as float32 `(out, in)`.
+        """Return `V = W_aligned − W_base` for one module as float32 `(out, in)`."""
+        return self.delta_and_norm(module_name, shape, fan_in_fan_out)[0]
+
+    def delta_and_norm(self, module_name: str, shape: tuple[int, int],
+                       fan_in_fan_out: bool = False) -> tuple[torch.Tensor, float]:
+        """Return `V = W_aligned − W_base` as float32 `(out, in)` together with `‖V‖_F`.
 
         Raises:
             ValueError: when the module is missing, shapes disagree, or `V` has NaN/Inf entries.
         """
         cache_key = (module_name, fan_in_fan_out)
         if cache_key in self._cache:
-            self._cache.move_to_end(cache_key)
             return self._cache[cache_key]
 
         self.check_modules({module_name: shape}, fan_in_fan_out)
-        base = self.base.tensor(self.base.find_weight(module_name))
-        aligned = self.aligned.tensor(self.aligned.find_weight(module_name))
-        delta = aligned.to(torch.float32) - base.to(torch.float32)
+        delta = self.aligned.tensor(self.aligned.find_weight(module_name), torch.float32)
+        delta.sub_(self.base.tensor(self.base.find_weight(module_name)))  # in place: no second float32 copy
         if _oriented(tuple(delta.shape), shape, fan_in_fan_out) == "transposed":
             delta = delta.T.contiguous()
-        if not torch.isfinite(delta).all():
+        # A NaN or Inf entry makes the norm NaN or Inf, so one reduction checks every entry.
+        norm = torch.linalg.vector_norm(delta).item()
+        if not math.isfinite(norm):
             raise ValueError(f"The alignment delta of {module_name!r} has NaN or Inf entries; the base or aligned "
                              "checkpoint is corrupt. Re-download or re-save it.")
 
-        self._remember(cache_key, delta)
-        return delta
+        self._remember(cache_key, (delta, norm))
+        return delta, norm
 
     def deltas(self, shapes: dict[str, tuple[int, int]], fan_in_fan_out: bool = False) -> Iterable[tuple[str, torch.Tensor]]:
         """Yield `(module name, V)` one module at a time."""
         for name, shape in shapes.items():
             yield name, self.delta(name, shape, fan_in_fan_out)
 
-    def _remember(self, key: tuple[str, bool], delta: torch.Tensor) -> None:
-        size = delta.numel() * delta.element_size()
-        if size > self.cache_bytes:
+    def _remember(self, key: tuple[str, bool], entry: tuple[torch.Tensor, float]) -> None:
+        # Modules are read in the same order at every save, so evicting the oldest entry would evict exactly the one
+        # needed next; keeping the first deltas that fit makes that share of every later pass free.
+        size = entry[0].numel() * entry[0].element_size()
+        if self._cached_bytes + size > self.cache_bytes:
             return
-        self._cache[key] = delta
+        self._cache[key] = entry
         self._cached_bytes += size
-        while self._cached_bytes > self.cache_bytes:
-            _, evicted = self._cache.popitem(last=False)
-            self._cached_bytes -= evicted.numel() * evicted.element_size()
 
 
 def _oriented(stored: tuple[int, ...], shape: tuple[int, int], fan_in_fan_out: bool) -> str | None:

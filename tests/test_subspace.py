@@ -23,10 +23,10 @@ class RecordingSubspace(AlignmentSubspace):
         super().__init__(*args, **kwargs)
         self.calls: list[tuple[str, torch.Tensor]] = []
 
-    def delta(self, module_name, shape, fan_in_fan_out=False):
-        delta = super().delta(module_name, shape, fan_in_fan_out)
+    def delta_and_norm(self, module_name, shape, fan_in_fan_out=False):
+        delta, norm = super().delta_and_norm(module_name, shape, fan_in_fan_out)
         self.calls.append((module_name, delta))
-        return delta
+        return delta, norm
 
 
 # --- pairing by name ---------------------------------------------------------------------------------------------
@@ -209,13 +209,14 @@ def test_nan_in_a_checkpoint_is_reported(llama_pair, read_checkpoint, tmp_path):
 # --- cache -------------------------------------------------------------------------------------------------------
 
 
-def test_delta_cache_reuses_tensors_within_its_memory_bound(llama_pair):
+def test_delta_cache_keeps_first_deltas_within_bound(llama_pair):
     one_delta = 32 * 32 * 4
     subspace = AlignmentSubspace(str(llama_pair.base), str(llama_pair.aligned), cache_bytes=one_delta)
     first = subspace.delta("model.layers.0.self_attn.q_proj", (32, 32))
     assert subspace.delta("model.layers.0.self_attn.q_proj", (32, 32)) is first
-    subspace.delta("model.layers.1.self_attn.q_proj", (32, 32))  # evicts the first
-    assert subspace.delta("model.layers.0.self_attn.q_proj", (32, 32)) is not first
+    second = subspace.delta("model.layers.1.self_attn.q_proj", (32, 32))  # does not fit: read, not kept
+    assert subspace.delta("model.layers.0.self_attn.q_proj", (32, 32)) is first
+    assert subspace.delta("model.layers.1.self_attn.q_proj", (32, 32)) is not second
     assert subspace._cached_bytes <= one_delta
 
 
