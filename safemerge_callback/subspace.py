@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .files import download_hub_files, resolve_directory
+from .scoring import frobenius_norm
 
 
 logger = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ class AlignmentSubspace:
         if _oriented(tuple(delta.shape), shape, fan_in_fan_out) == "transposed":
             delta = delta.T.contiguous()
         # A NaN or Inf entry makes the norm NaN or Inf, so one reduction checks every entry.
-        norm = torch.linalg.vector_norm(delta).item()
+        norm = frobenius_norm(delta)
         if not math.isfinite(norm):
             raise ValueError(f"The alignment delta of {module_name!r} has NaN or Inf entries; the base or aligned "
                              "checkpoint is corrupt. Re-download or re-save it.")
