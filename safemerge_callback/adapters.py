@@ -73,7 +73,7 @@ class LoraAdapter:
 
     Attributes:
         config (`dict`): the content of `adapter_config.json`.
-        modules (`dict[str, LoraModule]`): LoRA modules by module name, in file order.
+        modules (`dict[str, LoraModule]`): LoRA modules by module name, in layer order.
         other_tensors (`dict[str, torch.Tensor]`): saved keys that are not LoRA factors (`modules_to_save` copies,
             biases saved with `bias="all"`), written back bit for bit.
         source (`str`): where the adapter came from, for reports.

@@ -31,7 +31,7 @@ class SafeMergeCallback(TrainerCallback):
     """Repair the LoRA adapter with SafeMERGE (arXiv 2503.17239) at every save and when training ends.
 
     At each checkpoint it writes `checkpoint-N/safemerge/`, a repaired adapter that stock `PeftModel.from_pretrained`
-    loads, with its report; the training weights and the raw checkpoint stay untouched, so training and
+    loads, with its report. The training weights and the raw checkpoint stay untouched, so training and
     `resume_from_checkpoint` continue from the raw adapter. When training ends it repairs the live adapter in place,
     so a following `trainer.save_model()` / `push_to_hub()` stores the repaired adapter. Scores of every save go
     into `state.log_history` (`safemerge/selected_modules`, `safemerge/min_score`, ...).
@@ -113,6 +113,8 @@ class SafeMergeCallback(TrainerCallback):
         policy = "keep" if self.config.rank_policy == "keep" else "exact"
         result = self._repair_live(model, policy)
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        # NOTE: with `push_to_hub` the Trainer starts its asynchronous upload of checkpoint-N before `on_save`, so the
+        # upload may or may not contain `safemerge/`; upload that folder yourself where the hub copy must have it.
         if distributed.is_writer(args.save_on_each_node):
             if checkpoint.is_dir():
                 result.adapter.directory = checkpoint
@@ -165,7 +167,7 @@ class SafeMergeCallback(TrainerCallback):
                               progress=False)
 
     def _verify_live(self, model, result: RepairResult) -> None:
-        """Check that every rank holds the repaired values (no shard left unwritten, no rank diverged)."""
+        """Check that every rank has the repaired values (no shard left unwritten, no rank diverged)."""
         after = live.read_live_adapter(model, self.config.adapter_name, self.backend)
         wrong = []
         for name in result.selected_modules:
@@ -207,7 +209,7 @@ class SafeMergeCallback(TrainerCallback):
     def _drop_reloaded_checkpoint_adapter(self, peft_model) -> None:
         """Delete the `safemerge` adapter that `resume_from_checkpoint` loads from `checkpoint-N/safemerge/`.
 
-        The Trainer loads every adapter subfolder of a checkpoint when resuming; the repaired copy is an output, not
+        The Trainer loads every adapter subfolder of a checkpoint when resuming. The repaired copy is an output, not
         part of the training state, so training continues from the raw adapter only.
         """
         if CHECKPOINT_SUBDIR in peft_model.peft_config and CHECKPOINT_SUBDIR != self.config.adapter_name:

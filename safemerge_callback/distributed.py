@@ -55,7 +55,7 @@ def all_gather_objects(value):
 
 
 def is_writer(save_on_each_node: bool = False) -> bool:
-    """Whether this process writes files: global rank 0, or local rank 0 of every node with `save_on_each_node`.
+    """Return whether this process writes files: global rank 0, or local rank 0 of each node with `save_on_each_node`.
 
     The rank comes from `torch.distributed`, not from accelerate, because a DeepSpeed launch on a host without
     accelerators makes accelerate report process index 0 on every rank.

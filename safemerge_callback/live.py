@@ -42,7 +42,7 @@ def saved_key(clean_name: str, adapter_name: str) -> str:
 def read_live_adapter(model: torch.nn.Module, adapter_name: str, backend: str) -> LoraAdapter:
     """Gather one adapter of a live model into a `LoraAdapter` of full CPU tensors (collective).
 
-    Under ZeRO-3 and FSDP the parameters are gathered first, so the result holds full tensors on every rank.
+    Under ZeRO-3 and FSDP the parameters are gathered first, so the result has full tensors on every rank.
     """
     peft_model = unwrap_peft_model(model)
     if adapter_name not in peft_model.peft_config:

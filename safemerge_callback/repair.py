@@ -34,7 +34,7 @@ MISSING_IN_SAFETY = "missing_in_safety_adapter"
 
 @dataclass
 class ModuleResult:
-    """What the repair found and did for one module.
+    """Scores, decision and merge outcome of one module.
 
     Attributes:
         name (`str`): module name, e.g. `model.layers.3.self_attn.v_proj`.
