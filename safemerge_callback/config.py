@@ -40,8 +40,8 @@ class ModuleOverride:
 class SafeMergeConfig:
     """Settings of one SafeMERGE repair.
 
-    The score of a module is `ρ = cos(vec(C ΔW), vec(ΔW))` with `C = V Vᵀ / ‖V‖_F` and `V = W_aligned − W_base`; a
-    module is selected when `ρ < threshold` (τ in the SafeMERGE paper, arXiv 2503.17239) and its task update is then
+    The score of a module is `ρ = cos(vec(C ΔW), vec(ΔW))` with `C = V Vᵀ / ‖V‖_F` and `V = W_aligned − W_base`. A
+    module is selected when `ρ < threshold` (τ in the SafeMERGE paper, arXiv 2503.17239), and its task update is then
     replaced by `w_task ΔW_task + w_safety ΔW_safety`.
 
     > Models and adapters

@@ -1,6 +1,6 @@
 """τ × merge-weight sweeps: score once, repair on a grid, evaluate every repaired adapter, draw the Pareto front.
 
-Scores do not depend on τ or the weights, so a grid costs one scoring pass plus one cheap merge per point; the
+Scores do not depend on τ or the weights, so a grid costs one scoring pass plus one cheap merge per point. The
 evaluation (generation) dominates the run time.
 """
 

@@ -114,7 +114,7 @@ def save_random_adapter(model_dir: str | Path, output_dir: str | Path, *, seed: 
                         **lora_kwargs: Any) -> Path:
     """Attach a LoRA adapter to the model in `model_dir`, fill `lora_A`/`lora_B` with seeded random values, save it.
 
-    Random non-zero `lora_B` stands in for a trained adapter (PEFT initialises `lora_B` to zero). Extra keyword
+    Random non-zero `lora_B` makes it behave like a trained adapter (PEFT initialises `lora_B` to zero). Extra keyword
     arguments go to `LoraConfig` (`use_rslora`, `rank_pattern`, `alpha_pattern`, `layers_to_transform`,
     `modules_to_save`, `fan_in_fan_out`, ...).
     """
