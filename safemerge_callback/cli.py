@@ -38,11 +38,11 @@ FIELD_HELP = {
 }
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per `SafeMergeConfig` field in `FIELD_HELP`, defaulting to 'not given'."""
+def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """Add one flag per `SafeMergeConfig` field in `FIELD_HELP` but `exclude`, defaulting to 'not given'."""
     group = parser.add_argument_group("repair settings (SafeMergeConfig fields)")
     for config_field in dataclasses.fields(SafeMergeConfig):
-        if config_field.name not in FIELD_HELP:
+        if config_field.name not in FIELD_HELP or config_field.name in exclude:
             continue
         flag = "--" + config_field.name.replace("_", "-")
         help_text = FIELD_HELP[config_field.name]
@@ -79,7 +79,7 @@ def _run_repair(args: argparse.Namespace) -> int:
                             progress=not args.quiet)
     print(format_table(result))
     if args.plot:
-        plot_scores(result, args.plot)
+        print(f"Wrote the score plot to {plot_scores(result, args.plot)}")
     print(f"Wrote the repaired adapter to {args.output}")
     return 0
 
@@ -92,8 +92,9 @@ def _run_score(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"Wrote the report to {args.json}")
     if args.plot:
-        plot_scores(result, args.plot)
+        print(f"Wrote the score plot to {plot_scores(result, args.plot)}")
     return 0
 
 
@@ -162,7 +163,8 @@ def make_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per response")
     sweep.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     sweep.add_argument("--output", required=True, type=Path, help="output directory")
-    add_config_arguments(sweep)
+    # τ and the weights come from the grid flags above, so the single-value flags would be ignored.
+    add_config_arguments(sweep, exclude=("threshold", "weights"))
     sweep.set_defaults(func=_run_sweep)
 
     env = subparsers.add_parser("env", help="print versions for bug reports")

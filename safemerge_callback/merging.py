@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .scoring import frobenius_norm
+
 
 @dataclass
 class MergedFactors:
@@ -83,7 +85,7 @@ def merge_peft_linear(
 def project_safelora(delta: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
     """Return SafeLoRA's projected `B ← C B = V (Vᵀ B) / ‖V‖_F`, shape `(out, r)`, without building `C`."""
     delta = delta.float()
-    return delta @ (delta.T @ lora_b.float()) / torch.linalg.vector_norm(delta)
+    return delta @ (delta.T @ lora_b.float()) / frobenius_norm(delta)
 
 
 def trim_by_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:

