@@ -74,3 +74,14 @@ def test_sweep_cli(tiny, tmp_path, capsys):
     assert code == 0
     assert "| tau0_5-w0_8 |" in capsys.readouterr().out
     assert (tmp_path / "out" / "pareto.png").is_file()
+
+
+def test_sweep_cli_has_grid_flags_only():
+    from safemerge_callback.cli import make_parser
+
+    sweep = make_parser()._subparsers._group_actions[0].choices["sweep"]
+    flags = {flag for action in sweep._actions for flag in action.option_strings}
+    assert "--thresholds" in flags
+    assert "--task-weights" in flags
+    assert "--threshold" not in flags
+    assert "--weights" not in flags
