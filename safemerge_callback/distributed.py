@@ -5,7 +5,7 @@ Every function that gathers or writes is a collective: all ranks call it in the 
 | backend     | LoRA parameter seen by a callback     | read                                  | write                              |
 |-------------|---------------------------------------|---------------------------------------|------------------------------------|
 | `single`    | full tensor                           | as is                                 | `copy_`                            |
-| `ddp`       | full tensor on every rank             | as is                                 | `copy_`, identical on every rank   |
+| `ddp`       | full tensor on every rank (DDP, and DeepSpeed ZeRO-1/2) | as is              | `copy_`, identical on every rank   |
 | `deepspeed` | ZeRO-3 partition (`shape == (0,)`)    | `GatheredParameters(modifier_rank=None)` | `GatheredParameters(modifier_rank=0)` |
 | `fsdp1`     | flat-parameter shard                  | `summon_full_params`                  | `summon_full_params(writeback=True)`, identical on every rank |
 | `fsdp2`     | `DTensor` sharded on dim 0            | `full_tensor()`                       | `distribute_tensor(...).to_local()` copied into the shard |

@@ -87,15 +87,30 @@ def test_ddp_ranks_agree_and_match_offline_repair(workdir, tmp_path):
     check_final_matches_offline_repair(workdir, output, "exact")
 
 
+def deepspeed_launch(config: str, workdir: Path, output: Path) -> list[str]:
+    return [str(BIN / "accelerate"), "launch", "--use_deepspeed", "--deepspeed_config_file", str(SCRIPTS / config),
+            "--num_processes", "2", "--num_machines", "1", "--main_process_ip", "127.0.0.1", "--main_process_port",
+            str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPTS / "train_tiny.py"),
+            str(workdir), str(output), json.dumps({"training_args": {"use_cpu": False}})]
+
+
+def test_zero2_widens_like_ddp(workdir, tmp_path):
+    pytest.importorskip("deepspeed")
+    output = tmp_path / "zero2"
+    run_launcher(deepspeed_launch("zero2.json", workdir, output), launch_env(DS_ACCELERATOR="cpu"), tmp_path)
+
+    ranks = read_ranks(output)
+    assert {r["distributed_type"] for r in ranks} == {"DistributedType.DEEPSPEED"}
+    assert {r["backend"] for r in ranks} == {"ddp"}  # ZeRO-2 keeps whole parameters on every rank
+    assert {r["rank_policy"] for r in ranks} == {"exact"}
+    assert ranks[0]["digests"] == ranks[1]["digests"]
+    check_final_matches_offline_repair(workdir, output, "exact")
+
+
 def test_zero3_gathers_and_keeps_rank(workdir, tmp_path):
     pytest.importorskip("deepspeed")
     output = tmp_path / "zero3"
-    command = [str(BIN / "accelerate"), "launch", "--use_deepspeed", "--deepspeed_config_file",
-               str(SCRIPTS / "zero3.json"), "--num_processes", "2", "--num_machines", "1", "--main_process_ip",
-               "127.0.0.1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend",
-               "no", str(SCRIPTS / "train_tiny.py"), str(workdir), str(output),
-               json.dumps({"training_args": {"use_cpu": False}})]
-    run_launcher(command, launch_env(DS_ACCELERATOR="cpu"), tmp_path)
+    run_launcher(deepspeed_launch("zero3.json", workdir, output), launch_env(DS_ACCELERATOR="cpu"), tmp_path)
 
     ranks = read_ranks(output)
     assert {r["backend"] for r in ranks} == {"deepspeed"}
