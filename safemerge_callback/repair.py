@@ -320,12 +320,12 @@ def _check_safety_covers(task: LoraAdapter, safety: LoraAdapter | None, config: 
 
 
 def _apply_missing_safety_policy(modules, task, safety, config) -> None:
+    """Unselect and mark the modules the safety adapter lacks (`keep_task`; `error` was raised before scoring)."""
     if safety is None:
         return
     missing = [m.name for m in modules if m.name not in safety.modules]
     if not missing:
         return
-    _check_safety_covers(task, safety, config)
     selected_missing = [m for m in modules if m.selected and m.name in missing]
     for module in modules:
         if module.name in missing:
