@@ -100,7 +100,12 @@ class LoraAdapter:
 
     def scaling_for(self, rank: int, lora_alpha: float) -> float:
         """Return the LoRA scaling `α / r` (or `α / √r` with rsLoRA) this adapter's config gives a module."""
-        return lora_alpha / math.sqrt(rank) if self.use_rslora else lora_alpha / rank
+        return lora_scaling(rank, lora_alpha, self.use_rslora)
+
+
+def lora_scaling(rank: int, lora_alpha: float, use_rslora: bool) -> float:
+    """Return PEFT's LoRA scaling `s`: `α / r`, or `α / √r` with rsLoRA."""
+    return lora_alpha / math.sqrt(rank) if use_rslora else lora_alpha / rank
 
 
 def load_adapter(adapter: Any, *, role: str = "adapter", adapter_name: str = "default", revision: str | None = None,
@@ -216,7 +221,7 @@ def _make_module(name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, config: 
         )
     rank = lora_a.shape[0]
     lora_alpha = float(pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
-    scaling = lora_alpha / math.sqrt(rank) if config.get("use_rslora") else lora_alpha / rank
+    scaling = lora_scaling(rank, lora_alpha, bool(config.get("use_rslora")))
     return LoraModule(name=name, lora_a=lora_a, lora_b=lora_b, lora_alpha=lora_alpha, scaling=scaling)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from . import distributed
-from .adapters import LoraAdapter, adapter_from_state_dict, jsonable
+from .adapters import KEY_PREFIX, LoraAdapter, adapter_from_state_dict, jsonable
 
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def write_live_adapter(model: torch.nn.Module, result: Any, adapter_name: str, b
     try:
         with distributed.full_adapter_parameters(model, adapter_name, backend, writeback=True) as parameters:
             for clean_name, parameter in parameters:
-                key = clean_name.removeprefix("base_model.model.")
+                key = clean_name.removeprefix(KEY_PREFIX)
                 if key in values:
                     distributed.write_full_value(parameter, values[key], backend)
 
