@@ -41,7 +41,7 @@ def evaluate_variants(model_dir: str | Path, adapters: Mapping[str, str | Path],
         settings: generation lengths and batch size.
 
     Returns:
-        `EvaluationResults` with one `VariantResult` per variant (`aligned` first). `harmful` holds the refusal
+        `EvaluationResults` with one `VariantResult` per variant (`aligned` first). `harmful` contains the refusal
         rate on held-out harmful prompts, `xstest` the over-refusal rate on benign prompts, `task` the accuracy
         and the answer NLL.
     """
