@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -172,6 +173,24 @@ def test_data_dir_keeps_evaluation_prompts_held_out():
     assert all("####" in e.response and "<<" not in e.response for e in data.task_train + data.task_eval)
     assert all(is_refusal(e.response) for e in data.align_harmful + data.safety)
     assert data.source.startswith("data-dir:")
+
+
+@pytest.mark.skipif(not (DATA_DIR / "advbench").is_dir(), reason="data folder not available")
+def test_validation_splits_are_held_out_and_leave_the_other_splits_unchanged():
+    sizes = DataSizes(align_harmful=100, safety=50, eval_harmful=60, eval_benign=30, task_train=50, task_eval=20)
+    plain = demo_data.load_data_dir(DATA_DIR, sizes, seed=0)
+    with_validation = demo_data.load_data_dir(DATA_DIR, dataclasses.replace(
+        sizes, validation_harmful=40, validation_benign=25, task_validation=15), seed=0)
+    for name in ("align_harmful", "align_benign", "safety", "task_train", "task_eval", "eval_harmful", "eval_benign"):
+        assert getattr(plain, name) == getattr(with_validation, name), name
+    assert (len(with_validation.validation_harmful), len(with_validation.validation_benign),
+            len(with_validation.task_validation)) == (40, 25, 15)
+    assert plain.validation_harmful == []
+    check_disjoint(with_validation)
+
+    leaked = dataclasses.replace(with_validation, validation_harmful=with_validation.eval_harmful[:1])
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) of validation_harmful also appear in the evaluation splits"):
+        check_disjoint(leaked)
 
 
 def test_data_dir_without_the_expected_files_is_rejected(tmp_path):

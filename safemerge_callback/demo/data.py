@@ -45,6 +45,9 @@ class DataSizes:
         safety: harmful → refusal pairs of the safety adapter.
         task_train / task_eval: arithmetic problems for fine-tuning and for utility.
         eval_harmful / eval_benign: held-out harmful prompts (refusal rate) and benign prompts (over-refusal).
+        validation_harmful / validation_benign / task_validation: a second held-out set, disjoint from training
+            and evaluation, for choosing settings (τ, weights) without looking at the evaluation prompts. Only a
+            data folder fills these; the default 0 leaves them empty.
     """
 
     align_harmful: int = 128
@@ -54,6 +57,9 @@ class DataSizes:
     task_eval: int = 32
     eval_harmful: int = 64
     eval_benign: int = 40
+    validation_harmful: int = 0
+    validation_benign: int = 0
+    task_validation: int = 0
 
 
 @dataclass
@@ -68,6 +74,9 @@ class DemoData:
     task_eval: list[Example] = field(default_factory=list)
     eval_harmful: list[Example] = field(default_factory=list)
     eval_benign: list[Example] = field(default_factory=list)
+    validation_harmful: list[Example] = field(default_factory=list)
+    validation_benign: list[Example] = field(default_factory=list)
+    task_validation: list[Example] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +110,16 @@ def build_builtin_data(sizes: DataSizes, seed: int = 0) -> DemoData:
     data.eval_benign = _sample(rng, lookalikes + _benign_pool(templates.BENIGN_EVALUATION_FRAMES), sizes.eval_benign)
     data.task_train, data.task_eval = arithmetic_splits(sizes.task_train, sizes.task_eval, seed)
     return data
+
+
+def templated_safety_examples(seed: int = 0) -> list[Example]:
+    """Return every templated harmful request of the alignment and safety frames, each with a safety-adapter refusal.
+
+    The evaluation frames are left out. With a data folder, the alignment and evaluation stages use AdvBench, so
+    these requests add wordings and topics that neither of them contains.
+    """
+    rng = random.Random(f"safety-{seed}")
+    return _harmful_pool(templates.ALIGNMENT_FRAMES + templates.SAFETY_FRAMES, templates.SAFETY_REFUSALS, rng)
 
 
 def _harmful_pool(frames: tuple[int, ...], refusals: list[str] | None, rng: random.Random) -> list[Example]:
@@ -218,6 +237,8 @@ def load_data_dir(data_dir: str | Path, sizes: DataSizes, seed: int = 0) -> Demo
     (`question`, `answer`), `xstest/xstest_prompts.csv` (`prompt`, `label`). AdvBench goals are shuffled with
     `seed` and split by row: the first half trains the alignment stage, the next fifth the safety adapter, the last
     30% is held out for evaluation. Refusal wordings and benign alignment prompts come from the built-in templates.
+    The validation splits take the first-half goals that the alignment sample left out, and the XSTest and GSM8K
+    test rows that the evaluation splits left out. They are drawn last, so asking for them changes no other split.
 
     Raises:
         ValueError: when a file or column is missing.
@@ -239,8 +260,22 @@ def load_data_dir(data_dir: str | Path, sizes: DataSizes, seed: int = 0) -> Demo
     data.eval_benign = _sample(rng, [Example(row["prompt"], "", f"xstest:{row.get('type', '')}")
                                      for row in xstest if row["label"] == "safe"], sizes.eval_benign)
     data.task_train = _sample(rng, _read_gsm8k(data_dir / "gsm8k" / "train.jsonl"), sizes.task_train)
-    data.task_eval = _sample(rng, _read_gsm8k(data_dir / "gsm8k" / "test.jsonl"), sizes.task_eval)
+    gsm8k_test = _read_gsm8k(data_dir / "gsm8k" / "test.jsonl")
+    data.task_eval = _sample(rng, gsm8k_test, sizes.task_eval)
+
+    data.validation_harmful = _sample(rng, _unused([Example(g, "", "advbench") for g in goals[:first]],
+                                                   data.align_harmful), sizes.validation_harmful)
+    data.validation_benign = _sample(rng, _unused([Example(row["prompt"], "", f"xstest:{row.get('type', '')}")
+                                                   for row in xstest if row["label"] == "safe"], data.eval_benign),
+                                     sizes.validation_benign)
+    data.task_validation = _sample(rng, _unused(gsm8k_test, data.task_eval), sizes.task_validation)
     return data
+
+
+def _unused(pool: list[Example], taken: list[Example]) -> list[Example]:
+    """Return the examples of `pool` whose prompt is not in `taken`, in pool order."""
+    seen = {e.prompt for e in taken}
+    return [e for e in pool if e.prompt not in seen]
 
 
 def _read_csv(path: Path, *columns: str) -> list[dict[str, str]]:
@@ -270,11 +305,22 @@ def _read_gsm8k(path: Path) -> list[Example]:
 
 
 def check_disjoint(data: DemoData) -> None:
-    """Raise a `ValueError` if an evaluation prompt also appears in the alignment, safety or task-training data."""
+    """Raise a `ValueError` if a held-out prompt also appears in training data, or a validation prompt in evaluation.
+
+    Evaluation and validation prompts must not appear in the alignment, safety or task-training data, and
+    validation prompts (used to choose settings) must not appear in the evaluation splits either.
+    """
     trained = {e.prompt for split in (data.align_harmful, data.align_benign, data.safety, data.task_train)
                for e in split}
-    for name in ("eval_harmful", "eval_benign", "task_eval"):
-        overlap = sorted(trained & {e.prompt for e in getattr(data, name)})
+    evaluated = {e.prompt for split in (data.eval_harmful, data.eval_benign, data.task_eval) for e in split}
+    for name in ("eval_harmful", "eval_benign", "task_eval", "validation_harmful", "validation_benign",
+                 "task_validation"):
+        prompts = {e.prompt for e in getattr(data, name)}
+        overlap = sorted(trained & prompts)
         if overlap:
             raise ValueError(f"{len(overlap)} prompt(s) of {name} also appear in training data, e.g. {overlap[0]!r}; "
                              "evaluation must use held-out prompts.")
+        overlap = sorted(evaluated & prompts) if name.startswith(("validation", "task_validation")) else []
+        if overlap:
+            raise ValueError(f"{len(overlap)} prompt(s) of {name} also appear in the evaluation splits, e.g. "
+                             f"{overlap[0]!r}; settings must be chosen on prompts the evaluation does not use.")
