@@ -79,37 +79,14 @@ def run_demo(settings: DemoSettings, output_dir: str | Path, *, base_model: str 
     Returns:
         `DemoRun`.
     """
-    from .organism import base_model_source
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     data = load_demo_data(settings, data_dir)
-    kind, location = base_model_source(base_model)
     run = DemoRun(output_dir=output_dir)
+    stage = StageRunner(output_dir, run.stages, force=force, announce=announce)
 
-    def stage(name: str, inputs: dict[str, Any], build: Callable[[Path], None]) -> StageOutput:
-        announce(f"[{name}] starting")
-        output = run_stage(output_dir, name, inputs, build, force=force)
-        state = "cached" if output.cached else f"done in {output.seconds:.0f} s"
-        announce(f"[{name}] {state}: {output.path}")
-        run.stages[name] = output
-        return output
-
-    base = stage("base", {"kind": kind, "location": location, "fingerprint": _source_fingerprint(kind, location)},
-                 lambda out: _build_base(kind, location, out))
-    aligned = stage("aligned", {"base": base.key, "data": examples_hash(data.align_harmful, data.align_benign),
-                                **_pick(settings, "seed", "max_length", "align_steps", "align_batch", "align_lr",
-                                        "benign_answer_tokens", "eval_batch")},
-                    lambda out: _build_aligned(base.path, data, settings, out))
-    safety = stage("safety", {"aligned": aligned.key, "data": examples_hash(data.safety),
-                              **_pick(settings, "seed", "max_length", "safety_steps", "safety_batch", "safety_lr",
-                                      "safety_benign_fraction", "lora_rank", "lora_alpha")},
-                   lambda out: _build_safety(aligned.path, data, settings, out))
-    task = stage("task", {"base": base.key, "aligned": aligned.key, "safety": safety.key,
-                          "data": examples_hash(data.task_train),
-                          **_pick(settings, "seed", "max_length", "task_steps", "task_batch", "task_lr", "save_steps",
-                                  "lora_rank", "lora_alpha", "threshold", "weights")},
-                 lambda out: _build_task(base.path, aligned.path, safety.path, data, settings, out))
+    base, aligned, safety = model_stages(stage, settings, data, base_model)
+    task = task_stage(stage, settings, data, base, aligned, safety)
     safelora = stage("safelora", {"task": task.key, **_pick(settings, "threshold")},
                      lambda out: _build_safelora(base.path, aligned.path, task.path, settings, out))
     evaluation = stage("eval", {"aligned": aligned.key, "task": task.key, "safelora": safelora.key,
@@ -118,6 +95,62 @@ def run_demo(settings: DemoSettings, output_dir: str | Path, *, base_model: str 
                        lambda out: _build_eval(aligned.path, task.path, safelora.path, data, settings, out))
     _write_results(run, evaluation.path, task.path, settings, data, base_model or "auto")
     return run
+
+
+class StageRunner:
+    """Run cached stages under one output directory, announce them and record them in `stages` (by name)."""
+
+    def __init__(self, output_dir: Path, stages: dict[str, StageOutput], *, force: bool = False,
+                 announce: Callable[[str], None] = logger.info) -> None:
+        self.output_dir = output_dir
+        self.stages = stages
+        self.force = force
+        self.announce = announce
+
+    def __call__(self, name: str, inputs: dict[str, Any], build: Callable[[Path], None],
+                 label: str | None = None) -> StageOutput:
+        label = label or name
+        self.announce(f"[{label}] starting")
+        output = run_stage(self.output_dir, name, inputs, build, force=self.force)
+        state = "cached" if output.cached else f"done in {output.seconds:.0f} s"
+        self.announce(f"[{label}] {state}: {output.path}")
+        self.stages[label] = output
+        return output
+
+
+def model_stages(stage: StageRunner, settings: DemoSettings, data: DemoData,
+                 base_model: str | None) -> tuple[StageOutput, StageOutput, StageOutput]:
+    """Run (or reuse) the base, aligned and safety-adapter stages; return their outputs."""
+    from .organism import base_model_source
+
+    kind, location = base_model_source(base_model)
+    base = stage("base", {"kind": kind, "location": location, "fingerprint": _source_fingerprint(kind, location)},
+                 lambda out: _build_base(kind, location, out))
+    aligned = stage("aligned", {"base": base.key, "data": examples_hash(data.align_harmful, data.align_benign),
+                                **_pick(settings, "seed", "max_length", "align_steps", "align_batch", "align_lr",
+                                        "benign_answer_tokens", "eval_batch")},
+                    lambda out: _build_aligned(base.path, data, settings, out))
+    safety = safety_stage(stage, settings, aligned, data.safety)
+    return base, aligned, safety
+
+
+def safety_stage(stage: StageRunner, settings: DemoSettings, aligned: StageOutput, examples: list[Example],
+                 label: str | None = None) -> StageOutput:
+    """Run (or reuse) a LoRA safety adapter on the aligned model, trained on `examples` plus benign answers."""
+    return stage("safety", {"aligned": aligned.key, "data": examples_hash(examples),
+                            **_pick(settings, "seed", "max_length", "safety_steps", "safety_batch", "safety_lr",
+                                    "safety_benign_fraction", "lora_rank", "lora_alpha")},
+                 lambda out: _build_safety(aligned.path, examples, settings, out), label=label)
+
+
+def task_stage(stage: StageRunner, settings: DemoSettings, data: DemoData, base: StageOutput, aligned: StageOutput,
+               safety: StageOutput, label: str | None = None) -> StageOutput:
+    """Run (or reuse) the task fine-tune; `finetuned/` contains the adapter as trained, `safemerge/` the repaired one."""
+    return stage("task", {"base": base.key, "aligned": aligned.key, "safety": safety.key,
+                          "data": examples_hash(data.task_train),
+                          **_pick(settings, "seed", "max_length", "task_steps", "task_batch", "task_lr", "save_steps",
+                                  "lora_rank", "lora_alpha", "threshold", "weights")},
+                 lambda out: _build_task(base.path, aligned.path, safety.path, data, settings, out), label=label)
 
 
 def _pick(settings: DemoSettings, *names: str) -> dict[str, Any]:
@@ -167,14 +200,14 @@ def _build_aligned(base_dir: Path, data: DemoData, settings: DemoSettings, out: 
     shutil.rmtree(out / "trainer", ignore_errors=True)
 
 
-def _build_safety(aligned_dir: Path, data: DemoData, settings: DemoSettings, out: Path) -> None:
+def _build_safety(aligned_dir: Path, refusals: list[Example], settings: DemoSettings, out: Path) -> None:
     """LoRA safety adapter on the aligned model: refusals in new wordings plus a share of benign answers."""
     from .organism import load_model, lora_config, sft_config, train
 
     model, tokenizer = load_model(aligned_dir)
     benign = [Example(**row) for row in json.loads((aligned_dir / BENIGN_ANSWERS).read_text())]
-    count = round(settings.safety_benign_fraction * len(data.safety))
-    examples = list(data.safety) + random.Random(settings.seed).sample(benign, min(count, len(benign)))
+    count = round(settings.safety_benign_fraction * len(refusals))
+    examples = list(refusals) + random.Random(settings.seed).sample(benign, min(count, len(benign)))
     random.Random(settings.seed + 1).shuffle(examples)
     args = sft_config(out / "trainer", steps=settings.safety_steps, batch_size=settings.safety_batch,
                       learning_rate=settings.safety_lr, max_length=settings.max_length, seed=settings.seed)
