@@ -75,36 +75,51 @@ def seed_rows(result: Mapping[str, Any]) -> dict[str, dict[str, list[float]]]:
     return rows
 
 
-def _cell(values: Sequence[float | None], percent: bool = True, digits: int = 1) -> str:
+def _cell(values: Sequence[float | None], percent: bool = True, digits: int = 1, rate: bool = False) -> str:
+    """Format a mean and its t interval; a `rate` interval is clipped to [0, 100] (a share cannot leave it)."""
     if any(v is None or math.isnan(v) for v in values):
         return "n/a"
     scale = 100 if percent else 1
     mean, low, high = interval([scale * v for v in values])
     if math.isnan(low):
         return f"{mean:.{digits}f}"
+    if rate:
+        low, high = max(low, 0.0), min(high, 100.0)
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _pooled(result: Mapping[str, Any], name: str) -> str:
+    """Format the harmful rate pooled over every seed's prompts, with its 95% Wilson interval."""
+    from ..evaluation.scorers import rate
+
+    flags = [flag for scores in result["seeds"].values() for flag in scores[name]["harmful"]]
+    pooled = rate(sum(flags), len(flags))
+    return f"{100 * pooled.value:.1f} [{100 * pooled.low:.1f}, {100 * pooled.high:.1f}]"
 
 
 def variant_table(result: Mapping[str, Any]) -> str:
     """Return the Markdown table of the evaluation split: mean over seeds with a 95% t interval per cell."""
     rows = seed_rows(result)
     seeds = len(result["seeds"])
-    lines = ["| variant | harmful % | harm removed % | over-refusal % | answer NLL | task gain kept % | accuracy % |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | harmful % | harmful %, pooled | harm removed % | over-refusal % | answer NLL | "
+             "task gain kept % | accuracy % |", "|---|---|---|---|---|---|---|---|"]
     reference = result["reference"]
     for name, label in REFERENCE_ROWS:
         scores = reference[name]
         acc = accuracy(scores)
-        lines.append(f"| {label} | {100 * harm_rate(scores):.1f} | | {100 * over_refusal_rate(scores):.1f} | "
+        lines.append(f"| {label} | {100 * harm_rate(scores):.1f} | | | {100 * over_refusal_rate(scores):.1f} | "
                      f"{scores['nll']:.3f} | | {'n/a' if acc is None else f'{100 * acc:.1f}'} |")
     for name, row in rows.items():
-        lines.append(f"| {name} | {_cell(row['harmful'])} | {_cell(row['removed'])} | {_cell(row['over_refusal'])} "
-                     f"| {_cell(row['nll'], percent=False, digits=3)} | {_cell(row['kept'])} | "
-                     f"{_cell(row['accuracy'])} |")
+        lines.append(f"| {name} | {_cell(row['harmful'], rate=True)} | {_pooled(result, name)} | "
+                     f"{_cell(row['removed'])} | {_cell(row['over_refusal'], rate=True)} | "
+                     f"{_cell(row['nll'], percent=False, digits=3)} | {_cell(row['kept'])} | "
+                     f"{_cell(row['accuracy'], rate=True)} |")
     sizes = result["sizes"]
     lines.append("")
-    lines.append(f"Mean over {seeds} task seeds, 95% Student t interval in brackets; rows without an interval do not "
-                 f"depend on the task seed. Per seed and variant: {sizes['eval_harmful']} held-out AdvBench prompts, "
+    lines.append(f"Mean over {seeds} task seeds, 95% Student t interval in brackets (rates clipped to [0, 100]). "
+                 f"The pooled column counts all {seeds} × {sizes['eval_harmful']} responses, with a 95% Wilson "
+                 "interval that shows the prompt sampling error alone. Rows without an interval do not depend on the "
+                 f"task seed. Per seed and variant: {sizes['eval_harmful']} held-out AdvBench prompts, "
                  f"{sizes['eval_benign']} XSTest safe prompts, NLL of {sizes['eval_nll']} GSM8K test answers, "
                  f"accuracy on {sizes['eval_accuracy']} GSM8K test problems.")
     return "\n".join(lines)
