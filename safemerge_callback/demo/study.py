@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,10 +103,10 @@ class EvalSplit:
 def run_study(settings: StudySettings, output_dir: str | Path, *, data_dir: str | Path,
               base_model: str | None = None, announce: Callable[[str], None] = logger.info) -> dict[str, Any]:
     """Run (or resume) the whole study and write `study.json`; return its content (see `study_report`)."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     demo = settings.demo
     data = load_demo_data(demo, data_dir)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     stage = StageRunner(output_dir, {}, announce=announce)
 
     # models: base → aligned → two safety adapters → one task adapter per seed
@@ -381,7 +382,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = quick_study_settings() if args.quick else StudySettings()
-    result = run_study(settings, args.output_dir, data_dir=args.data_dir, base_model=args.base_model, announce=print)
+    try:
+        result = run_study(settings, args.output_dir, data_dir=args.data_dir, base_model=args.base_model,
+                           announce=print)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for path in write_report(result, Path(args.output_dir)):
         print(f"wrote {path}")
     return 0

@@ -116,7 +116,8 @@ def variant_table(result: Mapping[str, Any]) -> str:
                      f"{_cell(row['accuracy'], rate=True)} |")
     sizes = result["sizes"]
     lines.append("")
-    lines.append(f"Mean over {seeds} task seeds, 95% Student t interval in brackets (rates clipped to [0, 100]). "
+    lines.append(f"Mean over {seeds} task seeds, 95% Student t interval in brackets (the harmful, over-refusal and accuracy intervals "
+                 "are clipped to [0, 100]; harm removed and gain kept can leave it). "
                  f"The pooled column counts all {seeds} × {sizes['eval_harmful']} responses, with a 95% Wilson "
                  "interval that shows the prompt sampling error alone. Rows without an interval do not depend on the "
                  f"task seed. Per seed and variant: {sizes['eval_harmful']} held-out AdvBench prompts, "
