@@ -32,7 +32,6 @@ from typing import Any
 from .data import DataSizes, DemoData, Example, templated_safety_examples
 from .pipeline import StageRunner, examples_hash, load_demo_data, model_stages, safety_stage, task_stage
 from .settings import DemoSettings
-from .stages import StageOutput
 
 
 logger = logging.getLogger(__name__)
@@ -197,21 +196,36 @@ def _run_sweep(models: Mapping[str, str], task_dir: Path, safeties: Mapping[str,
     """Write one `linear` adapter per grid point and safety adapter, evaluate them on validation, pick one."""
     from ..repair import repair_adapter
 
+    task, subspace, scores = score_once(models, task_dir / "finetuned")
     adapters = {"finetuned": task_dir / "finetuned"}
     points = []
     for safety_name, safety_dir in safeties.items():
         for threshold in settings.thresholds:
             for weights in settings.weights:
                 name = _point_name(safety_name, threshold, weights)
-                result = repair_adapter(task_dir / "finetuned", str(safety_dir),
-                                        config=merge_config(models, "linear", threshold, weights),
+                result = repair_adapter(task, str(safety_dir), config=merge_config(models, "linear", threshold, weights),
+                                        subspace=subspace, module_results=scores,
                                         output_dir=out / "adapters" / name, progress=False)
                 adapters[name] = out / "adapters" / name
                 points.append({"name": name, "safety": safety_name, "threshold": threshold,
                                "weights": list(weights), "selected": len(result.selected_modules)})
-    scores = evaluate_adapters(models["aligned"], adapters, validation, settings.demo, include_base=True)
-    choice = choose_point(points, scores, settings.removed_aim, settings.kept_aim)
-    (out / "sweep.json").write_text(json.dumps({"points": points, "scores": scores, "choice": choice}, indent=1))
+    evaluation = evaluate_adapters(models["aligned"], adapters, validation, settings.demo, include_base=True)
+    choice = choose_point(points, evaluation, settings.removed_aim, settings.kept_aim)
+    (out / "sweep.json").write_text(json.dumps({"points": points, "scores": evaluation, "choice": choice}, indent=1))
+
+
+def score_once(models: Mapping[str, str], task_dir: Path):
+    """Load a task adapter and score it once; return `(adapter, subspace, module results)` for repairs to share.
+
+    Scores do not depend on τ, the weights or the merge method, so every repair of one adapter can reuse them.
+    """
+    from ..adapters import load_adapter
+    from ..repair import build_subspace, score_modules
+
+    config = merge_config(models, "linear", 1.0, (1.0, 0.0))
+    task = load_adapter(task_dir, role="task adapter")
+    subspace = build_subspace(config, task)
+    return task, subspace, score_modules(task, subspace, config, progress=False)
 
 
 def _point_name(safety: str, threshold: float, weights: Sequence[float]) -> str:
@@ -255,22 +269,21 @@ def write_variants(models: Mapping[str, str], task_dir: Path, safeties: Mapping[
     Returns:
         Adapter name → directory, `finetuned` first.
     """
-    from ..repair import repair_adapter, score_adapter
+    from ..repair import repair_adapter
 
     threshold, weights, safety = choice["threshold"], choice["weights"], safeties[choice["safety"]]
     zero = write_zero_adapter(safety, out / "zero_safety")
+    task, subspace, scores = score_once(models, task_dir)
     adapters = {"finetuned": task_dir}
 
     def write(name: str, safety_dir: Path | None, method: str, overrides: Sequence[Any] = (), tau=threshold):
         config = merge_config(models, method, tau, weights, seed=seed, overrides=overrides)
-        result = repair_adapter(task_dir, str(safety_dir) if safety_dir else None, config=config,
-                                output_dir=out / name, progress=False, overwrite=True)
+        repair_adapter(task, str(safety_dir) if safety_dir else None, config=config, subspace=subspace,
+                       module_results=scores, output_dir=out / name, progress=False, overwrite=True)
         adapters[name] = out / name
-        return result
 
     # select: the chosen τ gives k modules; random and highest-score controls take k modules too
-    scores = score_adapter(task_dir, config=merge_config(models, "linear", threshold, weights), progress=False)
-    defined = sorted((m for m in scores.modules if m.score is not None), key=lambda m: m.score)
+    defined = sorted((m for m in scores if m.score is not None), key=lambda m: m.score)
     count = sum(m.score < threshold for m in defined)
     names = [m.name for m in defined]
     rng = random.Random(f"random-selection-{seed}")
