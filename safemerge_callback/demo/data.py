@@ -257,25 +257,24 @@ def load_data_dir(data_dir: str | Path, sizes: DataSizes, seed: int = 0) -> Demo
     data.eval_harmful = _sample(rng, [Example(g, "", "advbench") for g in goals[second:]], sizes.eval_harmful)
     data.align_benign = builtin.align_benign
     xstest = _read_csv(data_dir / "xstest" / "xstest_prompts.csv", "prompt", "label")
-    data.eval_benign = _sample(rng, [Example(row["prompt"], "", f"xstest:{row.get('type', '')}")
-                                     for row in xstest if row["label"] == "safe"], sizes.eval_benign)
+    xstest_safe = [Example(row["prompt"], "", f"xstest:{row.get('type', '')}")
+                   for row in xstest if row["label"] == "safe"]
+    data.eval_benign = _sample(rng, xstest_safe, sizes.eval_benign)
     data.task_train = _sample(rng, _read_gsm8k(data_dir / "gsm8k" / "train.jsonl"), sizes.task_train)
     gsm8k_test = _read_gsm8k(data_dir / "gsm8k" / "test.jsonl")
     data.task_eval = _sample(rng, gsm8k_test, sizes.task_eval)
 
     data.validation_harmful = _sample(rng, _unused([Example(g, "", "advbench") for g in goals[:first]],
                                                    data.align_harmful), sizes.validation_harmful)
-    data.validation_benign = _sample(rng, _unused([Example(row["prompt"], "", f"xstest:{row.get('type', '')}")
-                                                   for row in xstest if row["label"] == "safe"], data.eval_benign),
-                                     sizes.validation_benign)
+    data.validation_benign = _sample(rng, _unused(xstest_safe, data.eval_benign), sizes.validation_benign)
     data.task_validation = _sample(rng, _unused(gsm8k_test, data.task_eval), sizes.task_validation)
     return data
 
 
-def _unused(pool: list[Example], taken: list[Example]) -> list[Example]:
-    """Return the examples of `pool` whose prompt is not in `taken`, in pool order."""
-    seen = {e.prompt for e in taken}
-    return [e for e in pool if e.prompt not in seen]
+def _unused(pool: list[Example], used: list[Example]) -> list[Example]:
+    """Return the examples of `pool` whose prompt is not in `used`, in pool order."""
+    used_prompts = {e.prompt for e in used}
+    return [e for e in pool if e.prompt not in used_prompts]
 
 
 def _read_csv(path: Path, *columns: str) -> list[dict[str, str]]:
@@ -310,17 +309,18 @@ def check_disjoint(data: DemoData) -> None:
     Evaluation and validation prompts must not appear in the alignment, safety or task-training data, and
     validation prompts (used to choose settings) must not appear in the evaluation splits either.
     """
+    evaluation = ("eval_harmful", "eval_benign", "task_eval")
+    validation = ("validation_harmful", "validation_benign", "task_validation")
     trained = {e.prompt for split in (data.align_harmful, data.align_benign, data.safety, data.task_train)
                for e in split}
-    evaluated = {e.prompt for split in (data.eval_harmful, data.eval_benign, data.task_eval) for e in split}
-    for name in ("eval_harmful", "eval_benign", "task_eval", "validation_harmful", "validation_benign",
-                 "task_validation"):
-        prompts = {e.prompt for e in getattr(data, name)}
-        overlap = sorted(trained & prompts)
+    evaluated = {e.prompt for name in evaluation for e in getattr(data, name)}
+    for name in evaluation + validation:
+        overlap = sorted(trained & {e.prompt for e in getattr(data, name)})
         if overlap:
             raise ValueError(f"{len(overlap)} prompt(s) of {name} also appear in training data, e.g. {overlap[0]!r}; "
                              "evaluation must use held-out prompts.")
-        overlap = sorted(evaluated & prompts) if name.startswith(("validation", "task_validation")) else []
+    for name in validation:
+        overlap = sorted(evaluated & {e.prompt for e in getattr(data, name)})
         if overlap:
             raise ValueError(f"{len(overlap)} prompt(s) of {name} also appear in the evaluation splits, e.g. "
                              f"{overlap[0]!r}; settings must be chosen on prompts the evaluation does not use.")
