@@ -264,3 +264,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def rel_err():
     """Return `relative_error(actual, expected)`: relative Frobenius error in float64."""
     return relative_error
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny Llama with its tokenizer saved as one model directory, the base model of whole-pipeline runs."""
+    directory = tmp_path_factory.mktemp("tiny") / "base"
+    testing.build_model(testing.tiny_llama_config()).save_pretrained(directory)
+    testing.tiny_tokenizer().save_pretrained(directory)
+    return directory

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from safemerge_callback import testing
 from safemerge_callback.cli import main, make_parser
 from safemerge_callback.demo import data as demo_data
 from safemerge_callback.demo import organism, templates
@@ -239,14 +238,6 @@ TINY_SETTINGS = DemoSettings(
     save_steps=1, benign_answer_tokens=4, refusal_tokens=4, task_tokens=4, eval_batch=4,
     threshold=1.0,  # every module is selected, so the merge visibly changes the adapter
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny") / "base"
-    testing.build_model(testing.tiny_llama_config()).save_pretrained(directory)
-    testing.tiny_tokenizer().save_pretrained(directory)
-    return directory
 
 
 @pytest.mark.slow

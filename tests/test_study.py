@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safemerge_callback import testing
 from safemerge_callback.demo.data import DataSizes
 from safemerge_callback.demo.settings import DemoSettings
 from safemerge_callback.demo.study import (
@@ -24,7 +23,6 @@ from safemerge_callback.demo.study import (
     write_zero_adapter,
 )
 from safemerge_callback.demo.study_report import interval, recovery, seed_rows, write_report
-from safemerge_callback.repair import score_adapter
 
 
 DATA_DIR = Path(os.environ.get("SAFEMERGE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -120,14 +118,6 @@ TINY_STUDY = StudySettings(
     seeds=(0, 1), thresholds=(0.5, 1.0), weights=((0.8, 0.2), (1.0, 1.0)), strong_safety_steps=1,
     accuracy_problems=2, nll_answers=2, validation_nll_answers=2, validation_benign=True,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny") / "base"
-    testing.build_model(testing.tiny_llama_config()).save_pretrained(directory)
-    testing.tiny_tokenizer().save_pretrained(directory)
-    return directory
 
 
 @pytest.mark.slow
