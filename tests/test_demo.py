@@ -175,7 +175,7 @@ def test_data_dir_keeps_evaluation_prompts_held_out():
 
 
 @pytest.mark.skipif(not (DATA_DIR / "advbench").is_dir(), reason="data folder not available")
-def test_validation_splits_are_held_out_and_leave_the_other_splits_unchanged():
+def test_validation_splits_held_out():
     sizes = DataSizes(align_harmful=100, safety=50, eval_harmful=60, eval_benign=30, task_train=50, task_eval=20)
     plain = demo_data.load_data_dir(DATA_DIR, sizes, seed=0)
     with_validation = demo_data.load_data_dir(DATA_DIR, dataclasses.replace(

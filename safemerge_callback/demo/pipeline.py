@@ -136,7 +136,7 @@ def model_stages(stage: StageRunner, settings: DemoSettings, data: DemoData,
 
 def safety_stage(stage: StageRunner, settings: DemoSettings, aligned: StageOutput, examples: list[Example],
                  label: str | None = None) -> StageOutput:
-    """Run (or reuse) a LoRA safety adapter on the aligned model, trained on `examples` plus benign answers."""
+    """Run (or reuse) a LoRA safety adapter on the aligned model, trained on `examples` plus benign pairs."""
     return stage("safety", {"aligned": aligned.key, "data": examples_hash(examples),
                             **_pick(settings, "seed", "max_length", "safety_steps", "safety_batch", "safety_lr",
                                     "safety_benign_fraction", "lora_rank", "lora_alpha")},

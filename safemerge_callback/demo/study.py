@@ -8,9 +8,9 @@ Protocol (real data from a data folder: AdvBench, GSM8K, XSTest):
 3. on the validation split (first task seed only), a τ × weight grid of `linear` SafeMERGE for each safety adapter.
    The point that best meets both aims (harm removed ≥ 75%, task gain kept ≥ 95%) fixes τ, the weights and the
    safety adapter;
-4. on the evaluation split, for every seed: SafeMERGE `linear`/`ties`/`dare_linear`, and beside each the same
-   selection with a zero safety adapter (scale-only), random modules of the same count, and the highest-scoring
-   modules; SafeLoRA; `peft_linear`; plus the aligned model and each safety adapter alone.
+4. on the evaluation split, for every seed: SafeMERGE `linear`, `ties` and `dare_linear`. Beside each stand three
+   controls: the same selection with a zero safety adapter (scale-only), random modules of the same count, and the
+   highest-scoring modules. SafeLoRA, `peft_linear`, the aligned model and each safety adapter alone complete it.
 
 Nothing is chosen on the evaluation prompts. Every stage is cached like the demo's, so an interrupted study resumes.
 """
@@ -56,8 +56,8 @@ class StudySettings:
         strong_safety_steps (`int`): training steps of the `strong` safety adapter.
         accuracy_problems (`int`): GSM8K test problems the model solves by generation, for accuracy.
         nll_answers / validation_nll_answers (`int`): GSM8K reference answers scored by teacher-forced NLL in the
-            evaluation and validation passes (a forward pass over a long question and answer is the costliest
-            part of a pass on a CPU, and the NLL of 40 answers is already a mean over thousands of tokens).
+            evaluation and validation passes. A forward pass over a long question and answer is the costliest part
+            of a pass on a CPU, and the NLL of 40 answers is already a mean over thousands of tokens.
         validation_benign (`bool`): also measure over-refusal in the validation passes (the choice does not use it).
         removed_aim / kept_aim (`float`): the aims the validation choice steers towards (fractions in (0, 1]).
     """
@@ -91,7 +91,7 @@ def quick_study_settings() -> StudySettings:
 
 @dataclass
 class EvalSplit:
-    """Prompts of one evaluation pass: `accuracy` problems are solved by generation, `nll` answers scored."""
+    """Prompts of one evaluation pass: `accuracy` problems are solved by generation, `nll` references scored."""
 
     harmful: list[Example]
     benign: list[Example]
@@ -134,33 +134,44 @@ def run_study(settings: StudySettings, output_dir: str | Path, *, data_dir: str 
     # evaluate every variant on the evaluation split
     evaluation = EvalSplit(data.eval_harmful, data.eval_benign, data.task_eval[:settings.nll_answers],
                            data.task_eval[:settings.accuracy_problems])
-    eval_inputs = {"data": examples_hash(evaluation.harmful, evaluation.benign, evaluation.nll, evaluation.accuracy),
-                   **_generation_inputs(demo)}
-    reference = stage("study-reference", {"aligned": aligned.key, "standard": standard.key, "strong": strong.key,
-                                          **eval_inputs},
-                      lambda out: _evaluate_to(out, models["aligned"], {f"safety_{k}": v for k, v in safeties.items()},
-                                               evaluation, demo, include_base=True))
-    per_seed = {}
-    for seed, task in tasks.items():
-        output = stage("study-seed", {"task": task.key, "choice": choice, "standard": standard.key,
-                                      "strong": strong.key, **eval_inputs},
-                       lambda out, task=task, seed=seed: _evaluate_seed(models, task.path, safeties, choice, seed,
-                                                                       evaluation, demo, out),
-                       label=f"study-seed{seed}")
-        per_seed[seed] = json.loads((output.path / "evaluation.json").read_text())
+    reference, per_seed = _evaluation_stages(stage, demo, evaluation, models, safeties, tasks, choice,
+                                             {"aligned": aligned.key, "standard": standard.key, "strong": strong.key})
 
     result = {"settings": settings.to_dict(), "data_source": data.source, "models": models,
               "safeties": {name: str(path) for name, path in safeties.items()},
               "training_loss": {stage_name: _loss_span(output.path) for stage_name, output in stage.stages.items()
                                 if (output.path / "train_log.json").is_file()},
               "sizes": _split_sizes(data, evaluation, validation), "sweep": sweep_result,
-              "reference": json.loads((reference.path / "evaluation.json").read_text()),
+              "reference": reference,
               "seeds": {str(seed): value for seed, value in per_seed.items()},
               "stages": {name: {"path": str(s.path), "seconds": round(s.seconds, 1), "cached": s.cached}
                          for name, s in stage.stages.items()},
               "score_report": str(tasks[first].path / "finetuned")}
     (output_dir / "study.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _evaluation_stages(stage: StageRunner, demo: DemoSettings, evaluation: EvalSplit, models: Mapping[str, str],
+                       safeties: Mapping[str, Path], tasks: Mapping[int, Any], choice: Mapping[str, Any],
+                       keys: Mapping[str, str]) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """Evaluate the seed-independent rows, then every seed's variants; return both evaluations.
+
+    `keys` are the stage keys of the aligned model and the `standard` and `strong` safety adapters.
+    """
+    eval_inputs = {"data": examples_hash(evaluation.harmful, evaluation.benign, evaluation.nll, evaluation.accuracy),
+                   **_generation_inputs(demo)}
+    reference = stage("study-reference", {**keys, **eval_inputs},
+                      lambda out: _evaluate_to(out, models["aligned"], {f"safety_{k}": v for k, v in safeties.items()},
+                                               evaluation, demo, include_base=True))
+    per_seed = {}
+    for seed, task in tasks.items():
+        output = stage("study-seed", {"task": task.key, "choice": choice, "standard": keys["standard"],
+                                      "strong": keys["strong"], **eval_inputs},
+                       lambda out, task=task, seed=seed: _evaluate_seed(models, task.path, safeties, choice, seed,
+                                                                       evaluation, demo, out),
+                       label=f"study-seed{seed}")
+        per_seed[seed] = json.loads((output.path / "evaluation.json").read_text())
+    return json.loads((reference.path / "evaluation.json").read_text()), per_seed
 
 
 def _loss_span(stage_dir: Path) -> list[float]:
