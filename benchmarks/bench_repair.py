@@ -105,7 +105,6 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     from safemerge_callback.repair import repair_adapter, score_adapter
 
     paths = {"base_model": str(args.data / "base"), "aligned_model": str(args.data / "aligned")}
-    extra = {} if args.cache_bytes is None else {"cache_bytes": args.cache_bytes}
     task_dir = args.data / "adapters" / f"task-{args.adapter}"
     sampler = RssSampler()
     sampler.start()
@@ -114,13 +113,13 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     if method == "floor":
         result["bytes_read"] = read_floor(task_dir, [args.data / "base", args.data / "aligned"])
     elif method == "ours-score":
-        report = score_adapter(str(task_dir), progress=False, **paths, **extra)
+        report = score_adapter(str(task_dir), progress=False, **paths)
         result["scores"] = {m.name: m.score for m in report.modules}
     elif method == "ours-repair":
         with tempfile.TemporaryDirectory(prefix="safemerge-bench-") as scratch:
             report = repair_adapter(str(task_dir), str(args.data / "adapters" / f"safety-{args.adapter}"),
                                     method="linear", output_dir=Path(scratch) / "repaired", progress=False,
-                                    **paths, **extra)
+                                    **paths)
             result["selected"] = len(report.selected_modules)
         result["scores"] = {m.name: m.score for m in report.modules}
     else:
@@ -131,11 +130,8 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
 
 
 def worker_command(method: str, args: argparse.Namespace, result_path: Path) -> list[str]:
-    command = [sys.executable, str(SCRIPT), "--worker", method, "--data", str(args.data), "--adapter", args.adapter,
-               "--result", str(result_path)]
-    if args.cache_bytes is not None:
-        command += ["--cache-bytes", str(args.cache_bytes)]
-    return command
+    return [sys.executable, str(SCRIPT), "--worker", method, "--data", str(args.data), "--adapter", args.adapter,
+            "--result", str(result_path)]
 
 
 def spawn(method: str, args: argparse.Namespace) -> dict:
@@ -310,8 +306,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter", default="r8-qv", help="adapter suffix: task-<suffix> and safety-<suffix>")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
     parser.add_argument("--repeats", type=int, default=3, help="repetitions of every method")
-    parser.add_argument("--cache-bytes", type=int, default=None,
-                        help="SafeMergeConfig.cache_bytes for our side (default: the library default)")
     parser.add_argument("--float64-check", type=int, default=2,
                         help="recompute in float64 the N modules where ours and dense differ most (0 to skip)")
     parser.add_argument("--cold", action="store_true", help="skip reading the files once before timing")

@@ -93,8 +93,7 @@ class SafeMergeCallback(TrainerCallback):
         from .known_models import resolve_base_model
 
         self.subspace = AlignmentSubspace(resolve_base_model(self.config.base_model, aligned), aligned,
-                                          revision=self.config.revision, allow_pickle=self.config.allow_pickle,
-                                          cache_bytes=self.config.cache_bytes)
+                                          revision=self.config.revision, allow_pickle=self.config.allow_pickle)
         if self.config.needs_safety_adapter:
             if self.config.safety_adapter is None:
                 raise ValueError(f"method {self.config.method!r} needs `safety_adapter`; pass one, or use "

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,8 @@ class SafeMergeConfig:
     Args:
         repair_on_save (`bool`, defaults to `True`): write `checkpoint-N/safemerge/` at every checkpoint.
         repair_on_train_end (`bool`, defaults to `True`): repair the live adapter in place when training ends.
-        cache_bytes (`int`, defaults to 1 GiB): memory bound of the alignment-delta cache reused across saves.
+        cache_bytes (`int`, *optional*): deprecated and ignored. Scoring streams each alignment delta from the
+            memory-mapped checkpoints at about the cost of reading it, so no delta cache is kept.
     """
 
     base_model: str | None = None
@@ -121,7 +123,7 @@ class SafeMergeConfig:
 
     repair_on_save: bool = True
     repair_on_train_end: bool = True
-    cache_bytes: int = 1 << 30
+    cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         self.weights = _check_weights("weights", self.weights)
@@ -143,8 +145,10 @@ class SafeMergeConfig:
                 )
         if not isinstance(self.seed, int):
             raise TypeError(f"`seed` must be an int, got {type(self.seed).__name__}.")
-        if not isinstance(self.cache_bytes, int) or self.cache_bytes < 0:
-            raise ValueError(f"`cache_bytes` must be a non-negative int, got {self.cache_bytes!r}.")
+        if self.cache_bytes is not None:
+            warnings.warn("`cache_bytes` is deprecated and has no effect: scoring streams each alignment delta from "
+                          "the memory-mapped checkpoints, so no delta cache is kept. Remove the argument.",
+                          FutureWarning, stacklevel=3)
 
         self.module_overrides = [_to_override(item) for item in self.module_overrides]
 

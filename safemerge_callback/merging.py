@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .scoring import frobenius_norm
 
 
 @dataclass
@@ -82,10 +81,14 @@ def merge_peft_linear(
     return MergedFactors(lora_a, lora_b, error / reference if reference > 0 else 0.0)
 
 
-def project_safelora(delta: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """Return SafeLoRA's projected `B ← C B = V (Vᵀ B) / ‖V‖_F`, shape `(out, r)`, without building `C`."""
-    delta = delta.float()
-    return delta @ (delta.T @ lora_b.float()) / frobenius_norm(delta)
+def project_safelora(projected: torch.Tensor, delta_norm: float) -> torch.Tensor:
+    """Return SafeLoRA's projected `B ← C B = V Vᵀ B / ‖V‖_F`, shape `(out, r)`, without building `C`.
+
+    Args:
+        projected (`torch.Tensor`): `G = V Vᵀ B`, shape `(out, r)`, from `scoring.delta_projection`.
+        delta_norm (`float`): `‖V‖_F`, positive.
+    """
+    return projected.float() / delta_norm
 
 
 def trim_by_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:

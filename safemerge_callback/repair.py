@@ -254,10 +254,7 @@ def build_subspace(config: SafeMergeConfig, task: LoraAdapter) -> AlignmentSubsp
     from .known_models import resolve_base_model
 
     base = resolve_base_model(config.base_model, aligned)
-    # A one-off repair reads each delta once, except `safelora`, which reads the selected ones again to project B.
-    cache_bytes = config.cache_bytes if config.method == "safelora" else 0
-    return AlignmentSubspace(base, aligned, revision=config.revision, allow_pickle=config.allow_pickle,
-                             cache_bytes=cache_bytes)
+    return AlignmentSubspace(base, aligned, revision=config.revision, allow_pickle=config.allow_pickle)
 
 
 def score_modules(task: LoraAdapter, subspace: AlignmentSubspace, config: SafeMergeConfig, *,
@@ -268,8 +265,8 @@ def score_modules(task: LoraAdapter, subspace: AlignmentSubspace, config: SafeMe
     results = []
     for name in tqdm(names, desc="SafeMERGE scoring", unit="module", disable=not progress):
         module = task.modules[name]
-        delta, delta_norm = subspace.delta_and_norm(name, module.shape, task.fan_in_fan_out)
-        terms = scoring.lora_alignment_score(delta, module.lora_a, module.lora_b, delta_norm)
+        projected, delta_norm = subspace.projection(name, module.shape, module.lora_b, task.fan_in_fan_out)
+        terms = scoring.score_from_projection(projected, delta_norm, module.lora_a, module.lora_b)
         threshold, _, _ = config.settings_for(name)
         results.append(ModuleResult(
             name=name, score=terms.score, undefined_reason=terms.undefined_reason, threshold=threshold,
@@ -374,8 +371,8 @@ def _merge_selected(task, safety, subspace, modules, config, policy, progress=Tr
 def _merge_module(module, safety_module, subspace, task, config, policy) -> merging.MergedFactors:
     _, weights, _ = config.settings_for(module.name)
     if config.method == "safelora":
-        delta = subspace.delta(module.name, module.shape, task.fan_in_fan_out)
-        projected_b = merging.project_safelora(delta, module.lora_b)
+        projected, delta_norm = subspace.projection(module.name, module.shape, module.lora_b, task.fan_in_fan_out)
+        projected_b = merging.project_safelora(projected, delta_norm)
         return merging.MergedFactors(module.scaling * module.lora_a.float(), projected_b, 0.0)
 
     task_factors = (module.lora_a, module.lora_b, module.scaling)

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .files import download_hub_files, resolve_directory
-from .scoring import frobenius_norm
+from .scoring import delta_projection, frobenius_norm
 
 
 logger = logging.getLogger(__name__)
@@ -118,16 +118,24 @@ class CheckpointReader:
                 self._shapes[key] = tuple(handle.get_slice(key).get_shape())
         return self._shapes[key]
 
+    @contextlib.contextmanager
+    def mapped(self, key: str):
+        """Yield tensor `key` backed by the memory-mapped file. It is valid only inside the `with` block and read-only."""
+        if self._pickled is not None:
+            yield self._pickled[key]
+            return
+        with self._open(key) as handle:
+            try:
+                stored = handle.get_tensor(key)
+            except SafetensorError as error:
+                raise ValueError(f"Could not read {key!r} from the {self.role} ({error}); the file may be "
+                                 "truncated.") from None
+            yield stored
+
     def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read tensor `key` as a new tensor that shares no memory with the file (converted to `dtype` if given)."""
-        if self._pickled is not None:
-            return self._pickled[key].to(dtype or self._pickled[key].dtype, copy=True)
-        try:
-            with self._open(key) as handle:
-                stored = handle.get_tensor(key)
-                return stored.to(dtype or stored.dtype, copy=True)
-        except SafetensorError as error:
-            raise ValueError(f"Could not read {key!r} from the {self.role} ({error}); the file may be truncated.") from None
+        with self.mapped(key) as stored:
+            return stored.to(dtype or stored.dtype, copy=True)
 
     def find_weight(self, module_name: str) -> str | None:
         """Return the checkpoint key of `module_name`'s weight, or None when the checkpoint has no such module.
@@ -160,20 +168,15 @@ class AlignmentSubspace:
         aligned_model (`str`): the safety-aligned model the adapters were trained on.
         revision (`str`, *optional*): hub revision for both.
         allow_pickle (`bool`, defaults to `False`): accept `.bin` checkpoints.
-        cache_bytes (`int`, defaults to 0): keep deltas in memory up to this many bytes (the first ones read, never
-            evicted), so repeated repairs (one per checkpoint) skip reading and subtracting them again.
     """
 
     def __init__(self, base_model: str, aligned_model: str, *, revision: str | None = None,
-                 allow_pickle: bool = False, cache_bytes: int = 0):
+                 allow_pickle: bool = False):
         if base_model is None or aligned_model is None:
             raise ValueError("AlignmentSubspace needs both `base_model` and `aligned_model` (directories or hub ids).")
         self.base = CheckpointReader(base_model, role="base model", revision=revision, allow_pickle=allow_pickle)
         self.aligned = CheckpointReader(aligned_model, role="aligned model", revision=revision,
                                         allow_pickle=allow_pickle)
-        self.cache_bytes = cache_bytes
-        self._cache: dict[tuple[str, bool], tuple[torch.Tensor, float]] = {}
-        self._cached_bytes = 0
 
     def check_modules(self, shapes: dict[str, tuple[int, int]], fan_in_fan_out: bool = False) -> None:
         """Check, from file headers only, that every module exists in both checkpoints with a matching shape.
@@ -213,40 +216,49 @@ class AlignmentSubspace:
                        fan_in_fan_out: bool = False) -> tuple[torch.Tensor, float]:
         """Return `V = W_aligned − W_base` as float32 `(out, in)` together with `‖V‖_F`.
 
+        Scoring does not need `V` itself: `projection` streams it at the cost of reading the two weights.
+
         Raises:
             ValueError: when the module is missing, shapes disagree, or `V` has NaN/Inf entries.
         """
-        cache_key = (module_name, fan_in_fan_out)
-        if cache_key in self._cache:
-            return self._cache[cache_key]
-
         self.check_modules({module_name: shape}, fan_in_fan_out)
         delta = self.aligned.tensor(self.aligned.find_weight(module_name), torch.float32)
-        delta.sub_(self.base.tensor(self.base.find_weight(module_name)))  # in place: no second float32 copy
+        with self.base.mapped(self.base.find_weight(module_name)) as base_weight:
+            delta.sub_(base_weight)  # in place: no second float32 copy
         if _oriented(tuple(delta.shape), shape, fan_in_fan_out) == "transposed":
             delta = delta.T.contiguous()
-        # A NaN or Inf entry makes the norm NaN or Inf, so one reduction checks every entry.
-        norm = frobenius_norm(delta)
+        return delta, self._checked_norm(module_name, frobenius_norm(delta))
+
+    def projection(self, module_name: str, shape: tuple[int, int], lora_b: torch.Tensor,
+                   fan_in_fan_out: bool = False) -> tuple[torch.Tensor, float]:
+        """Return `G = V Vᵀ B` (float32, `(out, r)`) and `‖V‖_F` for one module, without materialising `V`.
+
+        Both weights are read block by block from the memory-mapped files (`scoring.delta_projection`), so the
+        cost is about that of reading them once and the memory is one block.
+
+        Raises:
+            ValueError: when the module is missing, shapes disagree, or `V` has NaN/Inf entries.
+        """
+        self.check_modules({module_name: shape}, fan_in_fan_out)
+        aligned_key = self.aligned.find_weight(module_name)
+        with self.aligned.mapped(aligned_key) as aligned_weight, \
+                self.base.mapped(self.base.find_weight(module_name)) as base_weight:
+            transposed = _oriented(tuple(aligned_weight.shape), shape, fan_in_fan_out) == "transposed"
+            projected, norm = delta_projection(aligned_weight, base_weight, lora_b, transposed=transposed)
+        return projected, self._checked_norm(module_name, norm)
+
+    @staticmethod
+    def _checked_norm(module_name: str, norm: float) -> float:
+        # A NaN or Inf entry makes the norm NaN or Inf, so the norm that scoring needs also checks every entry.
         if not math.isfinite(norm):
             raise ValueError(f"The alignment delta of {module_name!r} has NaN or Inf entries; the base or aligned "
                              "checkpoint is corrupt. Re-download or re-save it.")
-
-        self._remember(cache_key, (delta, norm))
-        return delta, norm
+        return norm
 
     def deltas(self, shapes: dict[str, tuple[int, int]], fan_in_fan_out: bool = False) -> Iterable[tuple[str, torch.Tensor]]:
         """Yield `(module name, V)` one module at a time."""
         for name, shape in shapes.items():
             yield name, self.delta(name, shape, fan_in_fan_out)
-
-    def _remember(self, key: tuple[str, bool], entry: tuple[torch.Tensor, float]) -> None:
-        # Modules are read in the same order at every save, so evicting the oldest entry would evict exactly the one
-        # needed next; keeping the first deltas that fit makes that share of every later pass free.
-        size = entry[0].numel() * entry[0].element_size()
-        if self._cached_bytes + size > self.cache_bytes:
-            return
-        self._cache[key] = entry
-        self._cached_bytes += size
 
 
 def _oriented(stored: tuple[int, ...], shape: tuple[int, int], fan_in_fan_out: bool) -> str | None:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from safemerge_callback import merging
 from safemerge_callback.config import SafeMergeConfig
+from safemerge_callback.scoring import delta_projection
 
 
 def factors(out_features, in_features, rank, seed, scale=1.0):
@@ -301,4 +302,5 @@ def test_safelora_projection_equals_dense_alignment_projection_times_b():
     delta = torch.randn(16, 32, generator=generator, dtype=torch.float64)
     lora_b = torch.randn(16, 4, generator=generator, dtype=torch.float64)
     projection = delta @ delta.T / torch.linalg.vector_norm(delta)
-    assert rel_error(merging.project_safelora(delta, lora_b), projection @ lora_b) < 1e-6
+    projected, delta_norm = delta_projection(delta, torch.zeros_like(delta), lora_b)
+    assert rel_error(merging.project_safelora(projected, delta_norm), projection @ lora_b) < 1e-6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -166,3 +167,90 @@ def test_lowest_k_selection_ignores_undefined_and_breaks_ties_by_name():
     assert scoring.select_lowest(scores, 1) == {"m.b"}
     assert scoring.select_lowest(scores, 2) == {"m.b", "m.c"}
     assert scoring.select_lowest(scores, 10) == {"m.a", "m.b", "m.c"}
+
+
+# --- streamed projection ------------------------------------------------------------------------------------------
+
+
+def weight_pair(out_features, in_features, seed, dtype=torch.bfloat16):
+    """A base weight and an aligned weight that differs from it by a low-rank delta plus noise, both in `dtype`."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(out_features, in_features, generator=generator)
+    delta = torch.randn(out_features, 2, generator=generator) @ torch.randn(2, in_features, generator=generator)
+    aligned = base + 0.05 * delta + 0.01 * torch.randn(out_features, in_features, generator=generator)
+    return aligned.to(dtype), base.to(dtype)
+
+
+@pytest.mark.parametrize("out_features,in_features,rank", [(32, 32, 4), (16, 48, 2), (48, 16, 8), (7, 13, 3)])
+@pytest.mark.parametrize("block_bytes", [1, 4 * 7 * 5, scoring.BLOCK_BYTES])
+def test_delta_projection_matches_float64_oracle(out_features, in_features, rank, block_bytes, rel_err):
+    aligned, base = weight_pair(out_features, in_features, seed=out_features + rank)
+    lora_b = torch.randn(out_features, rank, generator=torch.Generator().manual_seed(3))
+    delta = aligned.double() - base.double()  # exact: the difference of two bf16 values fits in float32
+    expected = delta @ (delta.T @ lora_b.double())
+
+    projected, norm = scoring.delta_projection(aligned, base, lora_b, block_bytes=block_bytes)
+
+    assert projected.dtype == torch.float32
+    assert rel_err(projected.double(), expected) < 1e-6
+    assert norm == pytest.approx(torch.linalg.vector_norm(delta).item(), rel=1e-7)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 4 * 32 * 3, scoring.BLOCK_BYTES])
+def test_delta_projection_of_transposed_weights(block_bytes, rel_err):
+    aligned, base = weight_pair(24, 40, seed=5)  # stored (in, out) = (24, 40): V is (40, 24)
+    lora_b = torch.randn(40, 4, generator=torch.Generator().manual_seed(6))
+    delta = (aligned.double() - base.double()).T
+    expected = delta @ (delta.T @ lora_b.double())
+
+    projected, norm = scoring.delta_projection(aligned, base, lora_b, transposed=True, block_bytes=block_bytes)
+
+    assert projected.shape == (40, 4)
+    assert rel_err(projected.double(), expected) < 1e-6
+    assert norm == pytest.approx(torch.linalg.vector_norm(delta).item(), rel=1e-7)
+
+
+def test_delta_projection_does_not_modify_inputs():
+    aligned, base = weight_pair(16, 24, seed=7)
+    lora_b = torch.randn(16, 2, generator=torch.Generator().manual_seed(8))
+    copies = [aligned.clone(), base.clone(), lora_b.clone()]
+    scoring.delta_projection(aligned, base, lora_b, block_bytes=64)
+    assert all(torch.equal(before, after) for before, after in zip(copies, [aligned, base, lora_b]))
+
+
+def test_delta_projection_in_float64_for_float64_weights(rel_err):
+    aligned, base = weight_pair(12, 20, seed=9, dtype=torch.float64)
+    lora_b = torch.randn(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    delta = aligned - base
+    projected, norm = scoring.delta_projection(aligned, base, lora_b, block_bytes=8 * 12 * 3)
+    assert projected.dtype == torch.float64
+    assert rel_err(projected, delta @ (delta.T @ lora_b)) < 1e-12
+    assert norm == pytest.approx(torch.linalg.vector_norm(delta).item(), rel=1e-12)
+
+
+def test_delta_projection_scores_like_materialised_delta():
+    aligned, base = weight_pair(32, 48, seed=11)
+    lora_a = torch.randn(4, 48, generator=torch.Generator().manual_seed(12))
+    lora_b = torch.randn(32, 4, generator=torch.Generator().manual_seed(13))
+    delta = aligned.double() - base.double()
+
+    projected, norm = scoring.delta_projection(aligned, base, lora_b, block_bytes=4 * 32 * 5)
+    terms = scoring.score_from_projection(projected, norm, lora_a, lora_b)
+
+    assert terms.score == pytest.approx(independent_score(delta, lora_a, lora_b, 1.0), abs=1e-6)
+    assert terms.delta_norm == pytest.approx(torch.linalg.vector_norm(delta).item(), rel=1e-7)
+
+
+def test_delta_projection_nan_entry_gives_nan_norm():
+    aligned, base = weight_pair(8, 8, seed=14, dtype=torch.float32)
+    aligned[3, 5] = float("nan")
+    _, norm = scoring.delta_projection(aligned, base, torch.ones(8, 2))
+    assert math.isnan(norm)
+
+
+def test_delta_projection_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=re.escape("The aligned and base weights must be 2-D and of one shape, got "
+                                                   "(8, 4) and (4, 8).")):
+        scoring.delta_projection(torch.zeros(8, 4), torch.zeros(4, 8), torch.zeros(8, 2))
+    with pytest.raises(ValueError, match=re.escape("B has shape (4, 2) but must be (out, r) with out = 8, the weights' output features.")):
+        scoring.delta_projection(torch.zeros(8, 4), torch.zeros(8, 4), torch.zeros(4, 2))

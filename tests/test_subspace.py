@@ -17,16 +17,16 @@ from safemerge_callback.subspace import AlignmentSubspace
 
 
 class RecordingSubspace(AlignmentSubspace):
-    """An `AlignmentSubspace` that records every delta it hands out."""
+    """An `AlignmentSubspace` that records every projection `G = V Vᵀ B` it hands out, with its `B`."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.calls: list[tuple[str, torch.Tensor]] = []
+        self.calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
-    def delta_and_norm(self, module_name, shape, fan_in_fan_out=False):
-        delta, norm = super().delta_and_norm(module_name, shape, fan_in_fan_out)
-        self.calls.append((module_name, delta))
-        return delta, norm
+    def projection(self, module_name, shape, lora_b, fan_in_fan_out=False):
+        projected, norm = super().projection(module_name, shape, lora_b, fan_in_fan_out)
+        self.calls.append((module_name, projected, lora_b))
+        return projected, norm
 
 
 # --- pairing by name ---------------------------------------------------------------------------------------------
@@ -45,12 +45,14 @@ def test_qwen2_regex_targets_pair_each_lora_module_with_its_own_weight(qwen2_pai
     assert sorted(adapter.modules) == sorted(expected_names)
     assert all(f"{name}.bias" in base for name in expected_names)  # the biases are there to be mistaken for weights
     assert len(subspace.calls) == len(adapter.modules)
-    assert [name for name, _ in subspace.calls] == list(adapter.modules)
+    assert [name for name, _, _ in subspace.calls] == list(adapter.modules)
     assert [m.name for m in result.modules] == list(adapter.modules)
-    for name, delta in subspace.calls:
+    for name, projected, lora_b in subspace.calls:
         assert subspace.base.find_weight(name) == f"{name}.weight"
         assert subspace.aligned.find_weight(name) == f"{name}.weight"
-        assert torch.equal(delta, aligned[f"{name}.weight"].float() - base[f"{name}.weight"].float())
+        delta = aligned[f"{name}.weight"].double() - base[f"{name}.weight"].double()
+        expected = delta @ (delta.T @ lora_b.double())
+        assert torch.allclose(projected.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
 
 
 def test_qwen2_regex_target_adapter_repairs_and_loads(qwen2_pair, make_adapter, tmp_path, peft_deltas, rel_err):
@@ -206,23 +208,58 @@ def test_nan_in_a_checkpoint_is_reported(llama_pair, read_checkpoint, tmp_path):
         subspace.delta("model.layers.0.self_attn.q_proj", (32, 32))
 
 
-# --- cache -------------------------------------------------------------------------------------------------------
+# --- streamed projection ------------------------------------------------------------------------------------------
 
 
-def test_delta_cache_keeps_first_deltas_within_bound(llama_pair):
-    one_delta = 32 * 32 * 4
-    subspace = AlignmentSubspace(str(llama_pair.base), str(llama_pair.aligned), cache_bytes=one_delta)
-    first = subspace.delta("model.layers.0.self_attn.q_proj", (32, 32))
-    assert subspace.delta("model.layers.0.self_attn.q_proj", (32, 32)) is first
-    second = subspace.delta("model.layers.1.self_attn.q_proj", (32, 32))  # does not fit: read, not kept
-    assert subspace.delta("model.layers.0.self_attn.q_proj", (32, 32)) is first
-    assert subspace.delta("model.layers.1.self_attn.q_proj", (32, 32)) is not second
-    assert subspace._cached_bytes <= one_delta
-
-
-def test_delta_cache_disabled_by_default(llama_pair):
+def test_projection_matches_materialised_delta(llama_pair, task_adapter):
     subspace = AlignmentSubspace(str(llama_pair.base), str(llama_pair.aligned))
-    first = subspace.delta("model.layers.0.self_attn.q_proj", (32, 32))
-    second = subspace.delta("model.layers.0.self_attn.q_proj", (32, 32))
-    assert second is not first
-    assert torch.equal(second, first)
+    for name, module in load_adapter(task_adapter).modules.items():
+        delta, delta_norm = subspace.delta_and_norm(name, module.shape)
+        expected = delta.double() @ (delta.double().T @ module.lora_b.double())
+
+        projected, norm = subspace.projection(name, module.shape, module.lora_b)
+
+        assert projected.dtype == torch.float32
+        assert projected.shape == module.lora_b.shape
+        assert torch.allclose(projected.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+        assert norm == pytest.approx(delta_norm, rel=1e-6)
+
+
+def test_projection_of_gpt2_conv1d_uses_transposed_delta(gpt2_pair, make_adapter, read_checkpoint):
+    task = make_adapter(gpt2_pair.aligned, "task", seed=1, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    base, aligned = read_checkpoint(gpt2_pair.base), read_checkpoint(gpt2_pair.aligned)
+    subspace = AlignmentSubspace(str(gpt2_pair.base), str(gpt2_pair.aligned))
+    for name, module in load_adapter(task).modules.items():
+        delta = (aligned[f"{name}.weight"].double() - base[f"{name}.weight"].double()).T  # stored (in, out)
+        expected = delta @ (delta.T @ module.lora_b.double())
+
+        projected, norm = subspace.projection(name, module.shape, module.lora_b, fan_in_fan_out=True)
+
+        assert projected.shape == (delta.shape[0], module.rank)
+        assert torch.allclose(projected.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+        assert norm == pytest.approx(torch.linalg.vector_norm(delta).item(), rel=1e-6)
+
+
+def test_projection_reports_nan_in_a_checkpoint(llama_pair, read_checkpoint, tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = read_checkpoint(llama_pair.aligned)
+    tensors["model.layers.0.self_attn.q_proj.weight"][5, 7] = float("inf")
+    directory = tmp_path / "corrupt"
+    directory.mkdir()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    subspace = AlignmentSubspace(str(llama_pair.base), str(directory))
+    with pytest.raises(ValueError, match=re.escape("The alignment delta of 'model.layers.0.self_attn.q_proj' has NaN "
+                                                   "or Inf entries")):
+        subspace.projection("model.layers.0.self_attn.q_proj", (32, 32), torch.ones(32, 4))
+
+
+def test_cache_bytes_is_deprecated_and_ignored():
+    from safemerge_callback.config import SafeMergeConfig
+
+    with pytest.warns(FutureWarning, match=re.escape("`cache_bytes` is deprecated and has no effect")):
+        config = SafeMergeConfig(cache_bytes=1 << 30)
+    assert config.cache_bytes == 1 << 30
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SafeMergeConfig()
