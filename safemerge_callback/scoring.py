@@ -133,6 +133,7 @@ def delta_projection(aligned_weight: torch.Tensor, base_weight: torch.Tensor, lo
 
     width = max(1, min(in_features, block_bytes // (out_features * torch.finfo(dtype).bits // 8)))
     buffer = torch.empty((width, out_features) if transposed else (out_features, width), dtype=dtype)
+    base_buffer = torch.empty_like(buffer)
     lora_b_t = lora_b.to(dtype).T.contiguous()  # Bᵀ, (r, out)
     projected_t = torch.zeros(lora_b_t.shape, dtype=dtype)  # Gᵀ, (r, out)
     norm_sq = torch.zeros((), dtype=torch.float64)
@@ -142,15 +143,15 @@ def delta_projection(aligned_weight: torch.Tensor, base_weight: torch.Tensor, lo
 
         # V_c = W_aligned[:, c] − W_base[:, c] in the compute dtype, (out, stop − start).
         if transposed:
-            stored = buffer[: stop - start]
+            stored, base_stored = buffer[: stop - start], base_buffer[: stop - start]
             stored.copy_(aligned_weight[start:stop])
-            stored.sub_(base_weight[start:stop])
-            block = stored.T
+            base_stored.copy_(base_weight[start:stop])
         else:
-            stored = buffer[:, : stop - start]
+            stored, base_stored = buffer[:, : stop - start], base_buffer[:, : stop - start]
             stored.copy_(aligned_weight[:, start:stop])
-            stored.sub_(base_weight[:, start:stop])
-            block = stored
+            base_stored.copy_(base_weight[:, start:stop])
+        stored.sub_(base_stored)
+        block = stored.T if transposed else stored
 
         # Sums along the contiguous dimension: short, so accurate in float32 (see `frobenius_norm`), and fast.
         norm_sq += torch.linalg.vector_norm(stored, dim=1).square().sum(dtype=torch.float64)
