@@ -131,7 +131,7 @@ def delta_projection(aligned_weight: torch.Tensor, base_weight: torch.Tensor, lo
         raise ValueError(f"B has shape {tuple(lora_b.shape)} but must be (out, r) with out = {out_features}, the "
                          "weights' output features.")
 
-    width = max(1, min(in_features, block_bytes // (out_features * torch.finfo(dtype).bits // 8)))
+    width = block_width(out_features, in_features, torch.finfo(dtype).bits // 8, block_bytes)
     buffer = torch.empty((width, out_features) if transposed else (out_features, width), dtype=dtype)
     base_buffer = torch.empty_like(buffer)
     lora_b_t = lora_b.to(dtype).T.contiguous()  # Bᵀ, (r, out)
@@ -159,6 +159,11 @@ def delta_projection(aligned_weight: torch.Tensor, base_weight: torch.Tensor, lo
         projected_t.addmm_(lora_b_t @ block, block.T)
 
     return projected_t.T.contiguous(), math.sqrt(norm_sq.item())
+
+
+def block_width(out_features: int, in_features: int, element_size: int = 4, block_bytes: int = BLOCK_BYTES) -> int:
+    """Return how many columns of `V` (out, in) make one block of about `block_bytes` in `delta_projection`."""
+    return max(1, min(in_features, block_bytes // (out_features * element_size)))
 
 
 def frobenius_norm(matrix: torch.Tensor) -> float:

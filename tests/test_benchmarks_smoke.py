@@ -24,7 +24,7 @@ def quick_output(tmp_path_factory):
 
 def test_quick_runs_every_method(quick_output):
     methods = quick_output["summary"]["methods"]
-    assert set(methods) == {"floor", "ours-score", "ours-repair", "dense"}
+    assert set(methods) == {"floor", "floor-reused", "ours-score", "ours-repair", "dense"}
     for stats in methods.values():
         assert len(stats["seconds"]) == 1
         assert stats["peak_rss_gib"] > 0
@@ -71,3 +71,14 @@ def test_callback_overhead_quick(tmp_path):
     assert summary["checkpoints"] == 2
     assert summary["on_save_per_checkpoint_s"] > 0
     assert summary["plain_save_per_checkpoint_s"] > 0
+
+
+def test_profile_projection_small_shape():
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / "profile_projection.py"), "--shape", "64", "96",
+                                "--rank", "4", "--repeats", "1"], capture_output=True, text=True, timeout=120,
+                               check=False)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    lines = completed.stdout.splitlines()
+    assert lines[0].startswith("shape (64, 96), r = 4, blocks of 96 columns")
+    assert len(lines) == 9
+    assert lines[2].startswith("delta_projection, whole call")
