@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 
-# Bytes of one float32 block of `V` in `delta_projection`. Of 0.5, 1, 2 and 4 MiB, 2 MiB was within 10% of the
-# fastest for every 7B weight shape tried (2-core AMD EPYC with 2 MiB of L2 cache per core, docs/benchmarks.md).
+# Bytes of one float32 block of `V` in `delta_projection`. Of 0.5, 1, 2 and 4 MiB, 2 MiB scored the Llama-2-7B and
+# Qwen2-7B benchmark checkpoints fastest or within 5% of the fastest on a 2-core AMD EPYC (1 MiB L2 per core).
 BLOCK_BYTES = 1 << 21
 
 # Reasons a module has no defined score; such modules are never selected.
