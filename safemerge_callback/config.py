@@ -146,8 +146,8 @@ class SafeMergeConfig:
         if not isinstance(self.seed, int):
             raise TypeError(f"`seed` must be an int, got {type(self.seed).__name__}.")
         if self.cache_bytes is not None:
-            warnings.warn("`cache_bytes` is deprecated and has no effect: scoring streams each alignment delta from "
-                          "the memory-mapped checkpoints, so no delta cache is kept. Remove the argument.",
+            warnings.warn("`cache_bytes` is deprecated and has no effect, because scoring streams each alignment "
+                          "delta from the memory-mapped checkpoints and keeps no delta cache. Remove the argument.",
                           FutureWarning, stacklevel=3)
 
         self.module_overrides = [_to_override(item) for item in self.module_overrides]
