@@ -148,10 +148,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the runs and the summary to this file")
     parser.add_argument("--quick", action="store_true", help="20 steps, a save every 10, one repetition")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.max_steps, args.save_steps, args.repeats = 20, 10, 1
     if args.repeats < 1 or args.save_steps < 1 or args.max_steps < args.save_steps:
         parser.error("--repeats and --save-steps must be at least 1 and --max-steps at least --save-steps.")
+    if args.quick:
+        args.max_steps, args.save_steps, args.repeats = 20, 10, 1
     return args
 
 

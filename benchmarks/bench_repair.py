@@ -330,9 +330,10 @@ def benchmark(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="directory written by make_checkpoints.py")
-    parser.add_argument("--adapter", default="r8-qv", help="adapter suffix: task-<suffix> and safety-<suffix>")
+    parser.add_argument("--adapter", help="adapter suffix <rank>-<targets>, as in adapters/task-r8-qv and "
+                        "adapters/safety-r8-qv (default: r8-qv)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
-    parser.add_argument("--repeats", type=int, default=3, help="repetitions of every method")
+    parser.add_argument("--repeats", type=int, help="repetitions of every method (default: 3)")
     parser.add_argument("--float64-check", type=int, default=2,
                         help="recompute in float64 the N modules where ours and dense differ most (0 to skip)")
     parser.add_argument("--cold", action="store_true", help="skip reading the files once before timing")
@@ -342,11 +343,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}.")
-    if args.data is None and not args.quick:
-        parser.error("--data is required unless --quick is given (write the data with make_checkpoints.py).")
+    if args.worker:
+        return args
+    if args.quick:
+        given = [flag for flag, value in (("--data", args.data), ("--adapter", args.adapter),
+                                          ("--repeats", args.repeats)) if value is not None]
+        if given:
+            parser.error(f"--quick generates its own small data and runs every method once, so it takes no "
+                         f"{', '.join(given)}.")
+    else:
+        args.adapter = args.adapter or "r8-qv"
+        args.repeats = 3 if args.repeats is None else args.repeats
+        if args.repeats < 1:
+            parser.error(f"--repeats must be at least 1, got {args.repeats}.")
+        if args.data is None:
+            parser.error("--data is required unless --quick is given (write the data with make_checkpoints.py).")
+        check_data(parser, args.data, args.adapter)
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"The folder of --json {str(args.json)!r} does not exist; create it first.")
     return args
+
+
+def check_data(parser: argparse.ArgumentParser, data: Path, adapter: str) -> None:
+    """Exit with a usage error unless `data` is a make_checkpoints.py output that has the adapter pair `adapter`."""
+    if not all((data / part).is_dir() for part in ("base", "aligned", "adapters")):
+        parser.error(f"--data {str(data)!r} is not a make_checkpoints.py output (it needs base/, aligned/ and "
+                     "adapters/). Write one with benchmarks/make_checkpoints.py.")
+    available = sorted(path.name[len("task-"):] for path in (data / "adapters").glob("task-*"))
+    if adapter not in available or not (data / "adapters" / f"safety-{adapter}").is_dir():
+        parser.error(f"--data {str(data)!r} has no adapter pair task-{adapter}/safety-{adapter}; available "
+                     f"suffixes: {available}. Generate others with make_checkpoints.py --ranks/--targets.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -363,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
             args.data = make_checkpoints.generate(Path(scratch) / "small", "small", ranks=(8,), targets=("qv",))
             args.adapter, args.repeats = "r8-qv", 1
             output = benchmark(args)
+        print("quick mode: tiny shapes and one repetition check that every method runs; its times and ratios "
+              "mean nothing.")
     if args.json:
         args.json.write_text(json.dumps(output, indent=2) + "\n")
 

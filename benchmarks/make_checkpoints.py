@@ -303,9 +303,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
-    output = generate(args.output, args.shape, layers=args.layers, modules=args.modules, ranks=tuple(args.ranks),
-                      targets=tuple(args.targets), seed=args.seed, alignment_rank=args.alignment_rank,
-                      overwrite=args.overwrite)
+    try:
+        output = generate(args.output, args.shape, layers=args.layers, modules=args.modules, ranks=tuple(args.ranks),
+                          targets=tuple(args.targets), seed=args.seed, alignment_rank=args.alignment_rank,
+                          overwrite=args.overwrite)
+    except ValueError as error:
+        raise SystemExit(f"make_checkpoints.py: error: {error}") from None
     size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
     print(f"wrote {output} ({size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s")
 

@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     parser.add_argument("--repeats", type=int, default=9, help="timed calls of each step")
     args = parser.parse_args(argv)
+    for flag, values in (("--shape", args.shape), ("--rank", [args.rank]), ("--repeats", [args.repeats])):
+        if min(values) < 1:
+            parser.error(f"{flag} must be positive, got {' '.join(map(str, values))}.")
 
     out_features, in_features = args.shape
     width = block_width(out_features, in_features)

@@ -138,6 +138,9 @@ def delta_projection(aligned_weight: torch.Tensor, base_weight: torch.Tensor, lo
     projected_t = torch.zeros(lora_b_t.shape, dtype=dtype)  # Gᵀ, (r, out)
     norm_sq = torch.zeros((), dtype=torch.float64)
 
+    # NOTE: each block runs about 8 torch operations, and each one that torch splits across threads ends in a
+    # barrier. On a CPU that other processes keep busy, this ran 3-4x slower with 2 torch threads than with 1
+    # (docs/benchmarks.md, "Under CPU contention"). The thread count stays the caller's choice.
     for start in range(0, in_features, width):
         stop = min(start + width, in_features)
 
