@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -77,6 +78,15 @@ def target_modules(task_dir: Path) -> list[str]:
     return [key[len("base_model.model."):-len(".lora_A.weight")] for key in keys if key.endswith(".lora_A.weight")]
 
 
+def target_weights(task_dir: Path, model_dirs: list[Path]) -> Iterator[tuple[Path, str]]:
+    """Yield `(shard file, tensor key)` of every target weight, checkpoint by checkpoint, in adapter order."""
+    modules = target_modules(task_dir)
+    for model_dir in model_dirs:
+        weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+        for name in modules:
+            yield model_dir / weight_map[f"{name}.weight"], f"{name}.weight"
+
+
 def read_floor(task_dir: Path, model_dirs: list[Path]) -> int:
     """Read every target weight of each checkpoint once into memory and return the bytes read.
 
@@ -87,14 +97,11 @@ def read_floor(task_dir: Path, model_dirs: list[Path]) -> int:
 
     total = 0
     handles = {}
-    for model_dir in model_dirs:
-        weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
-        for name in target_modules(task_dir):
-            path = model_dir / weight_map[f"{name}.weight"]
-            if path not in handles:
-                handles[path] = safe_open(str(path), framework="pt", device="cpu")
-            tensor = handles[path].get_tensor(f"{name}.weight").clone()
-            total += tensor.numel() * tensor.element_size()
+    for path, key in target_weights(task_dir, model_dirs):
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        tensor = handles[path].get_tensor(key).clone()
+        total += tensor.numel() * tensor.element_size()
     return total
 
 
@@ -109,16 +116,14 @@ def read_floor_reused(task_dir: Path, model_dirs: list[Path]) -> int:
 
     total = 0
     buffers: dict[tuple[torch.Size, torch.dtype], torch.Tensor] = {}
-    for model_dir in model_dirs:
-        weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
-        for name in target_modules(task_dir):
-            with safe_open(str(model_dir / weight_map[f"{name}.weight"]), framework="pt", device="cpu") as handle:
-                stored = handle.get_tensor(f"{name}.weight")
-                key = (stored.shape, stored.dtype)
-                if key not in buffers:
-                    buffers[key] = torch.empty_like(stored)
-                buffers[key].copy_(stored)
-            total += stored.numel() * stored.element_size()
+    for path, key in target_weights(task_dir, model_dirs):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            stored = handle.get_tensor(key)
+            shape_and_dtype = (stored.shape, stored.dtype)
+            if shape_and_dtype not in buffers:
+                buffers[shape_and_dtype] = torch.empty_like(stored)
+            buffers[shape_and_dtype].copy_(stored)
+        total += stored.numel() * stored.element_size()
     return total
 
 
@@ -346,11 +351,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.worker:
         return args
     if args.quick:
-        given = [flag for flag, value in (("--data", args.data), ("--adapter", args.adapter),
-                                          ("--repeats", args.repeats)) if value is not None]
-        if given:
+        overridden = [flag for flag, value in (("--data", args.data), ("--adapter", args.adapter),
+                                               ("--repeats", args.repeats)) if value is not None]
+        if overridden:
             parser.error(f"--quick generates its own small data and runs every method once, so it takes no "
-                         f"{', '.join(given)}.")
+                         f"{', '.join(overridden)}.")
     else:
         args.adapter = args.adapter or "r8-qv"
         args.repeats = 3 if args.repeats is None else args.repeats

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 
-
 @dataclass
 class MergedFactors:
     """A merged update as LoRA factors with scaling 1.

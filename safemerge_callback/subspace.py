@@ -240,8 +240,7 @@ class AlignmentSubspace:
             ValueError: when the module is missing, shapes disagree, or `V` has NaN/Inf entries.
         """
         self.check_modules({module_name: shape}, fan_in_fan_out)
-        aligned_key = self.aligned.find_weight(module_name)
-        with self.aligned.mapped(aligned_key) as aligned_weight, \
+        with self.aligned.mapped(self.aligned.find_weight(module_name)) as aligned_weight, \
                 self.base.mapped(self.base.find_weight(module_name)) as base_weight:
             transposed = _oriented(tuple(aligned_weight.shape), shape, fan_in_fan_out) == "transposed"
             projected, norm = delta_projection(aligned_weight, base_weight, lora_b, transposed=transposed)

@@ -194,18 +194,22 @@ def test_unknown_hub_id_offline_is_a_clear_error(llama_pair):
         AlignmentSubspace("safemerge-test/no-such-model", str(llama_pair.aligned))
 
 
-def test_nan_in_a_checkpoint_is_reported(llama_pair, read_checkpoint, tmp_path):
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_checkpoint_is_reported(bad_value, llama_pair, read_checkpoint, tmp_path):
     from safetensors.torch import save_file
 
     tensors = read_checkpoint(llama_pair.aligned)
-    tensors["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
+    tensors["model.layers.0.self_attn.q_proj.weight"][5, 7] = bad_value
     directory = tmp_path / "corrupt"
     directory.mkdir()
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     subspace = AlignmentSubspace(str(llama_pair.base), str(directory))
-    with pytest.raises(ValueError, match=re.escape("The alignment delta of 'model.layers.0.self_attn.q_proj' has NaN "
-                                                   "or Inf entries")):
+    message = re.escape("The alignment delta of 'model.layers.0.self_attn.q_proj' has NaN or Inf entries")
+
+    with pytest.raises(ValueError, match=message):
         subspace.delta("model.layers.0.self_attn.q_proj", (32, 32))
+    with pytest.raises(ValueError, match=message):
+        subspace.projection("model.layers.0.self_attn.q_proj", (32, 32), torch.ones(32, 4))
 
 
 # --- streamed projection ------------------------------------------------------------------------------------------
@@ -238,20 +242,6 @@ def test_projection_of_gpt2_conv1d_uses_transposed_delta(gpt2_pair, make_adapter
         assert projected.shape == (delta.shape[0], module.rank)
         assert torch.allclose(projected.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
         assert norm == pytest.approx(torch.linalg.vector_norm(delta).item(), rel=1e-6)
-
-
-def test_projection_reports_nan_in_a_checkpoint(llama_pair, read_checkpoint, tmp_path):
-    from safetensors.torch import save_file
-
-    tensors = read_checkpoint(llama_pair.aligned)
-    tensors["model.layers.0.self_attn.q_proj.weight"][5, 7] = float("inf")
-    directory = tmp_path / "corrupt"
-    directory.mkdir()
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    subspace = AlignmentSubspace(str(llama_pair.base), str(directory))
-    with pytest.raises(ValueError, match=re.escape("The alignment delta of 'model.layers.0.self_attn.q_proj' has NaN "
-                                                   "or Inf entries")):
-        subspace.projection("model.layers.0.self_attn.q_proj", (32, 32), torch.ones(32, 4))
 
 
 def test_cache_bytes_is_deprecated_and_ignored():
